@@ -1,0 +1,152 @@
+"""What every adapter type provides: a config and a per-module layer.
+
+An adapter type (LoRA built in; IA3, DoRA... from plugins) is registered through the
+``moa_adapter_types`` hook as an :class:`~moa.plugin.records.AdapterTypeSpec` naming
+an :class:`AdapterConfig` subclass and an :class:`AdapterLayer` subclass. The model
+builds one layer per target module. Types that can expose ``(A, B, scale)`` take the
+batched low-rank kernel path; the others implement :meth:`AdapterLayer.delta`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from moa.errors import AdapterConfigError, AdapterShapeError, format_choices
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Base of adapter configs; fields mirror PEFT's config of the same type.
+
+    Attributes:
+        target_modules: Module names or suffixes (``["q_proj", "v_proj"]``), a regex
+            matched against full module names, or ``"all-linear"``.
+        base_model_name_or_path: The base this adapter was made for (informational;
+            the fingerprint in the weights file is what is checked).
+        task_type: PEFT task type (``"CAUSAL_LM"``).
+    """
+
+    adapter_type: ClassVar[str] = ""
+    peft_type: ClassVar[str] = ""
+
+    target_modules: Sequence[str] | str | None = None
+    base_model_name_or_path: str | None = None
+    task_type: str | None = "CAUSAL_LM"
+
+    def validate(self) -> None:
+        """Raise :class:`AdapterConfigError` for values this type cannot honour."""
+        if self.target_modules is None or (
+            not isinstance(self.target_modules, str) and len(self.target_modules) == 0
+        ):
+            raise AdapterConfigError(
+                f"{type(self).__name__} needs target_modules, got {self.target_modules!r}. "
+                f"Give module names such as ['q_proj', 'v_proj'] or 'all-linear'."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as written to ``adapter_config.json`` (PEFT keys)."""
+        data = dataclasses.asdict(self)
+        if data.get("target_modules") is not None and not isinstance(data["target_modules"], str):
+            data["target_modules"] = sorted(data["target_modules"])
+        data["peft_type"] = self.peft_type
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        """Build from an ``adapter_config.json`` dict; unknown keys are ignored.
+
+        Subclasses reject values they cannot honour in :meth:`validate`.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+
+def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup for one module.
+
+    A key matches a module when the module's full name ends with it (on a ``.``
+    boundary) or the key, as a regex, matches such an ending.
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+class AdapterLayer(nn.Module):
+    """One adapter's weights on one target module.
+
+    Args:
+        config: The adapter's config.
+        module_name: Full name of the target module in the base (``model.layers.0.self_attn.q_proj``).
+        in_features: The base layer's input width.
+        out_features: The base layer's output width.
+    """
+
+    #: Tensor-name suffixes in PEFT's state dict, e.g. ``("lora_A.weight", "lora_B.weight")``.
+    peft_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: AdapterConfig, module_name: str, in_features: int, out_features: int):
+        super().__init__()
+        self.module_name = module_name
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A [r, H_in], B [H_out, r], scale)`` if this layer is low rank, else ``None``."""
+        return None
+
+    def delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The change this adapter makes to ``base_layer(x)`` for rows ``x`` ``[n, H_in]``.
+
+        Only called for types whose :meth:`low_rank` returns ``None``.
+        """
+        raise AdapterConfigError(
+            f"{type(self).__name__} neither exposes low_rank() nor implements delta(); "
+            f"an adapter type must provide one of them."
+        )
+
+    def dropout_p(self) -> float:
+        """Input dropout probability used while training (0 = none)."""
+        return 0.0
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors keyed by PEFT suffix (``"lora_A.weight"``), for saving."""
+        return {suffix: self.get_parameter(suffix).detach() for suffix in self.peft_suffixes}
+
+    def load_peft_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors keyed by PEFT suffix into this layer, checking names and shapes."""
+        check_peft_tensors(self, tensors)
+        with torch.no_grad():
+            for suffix, tensor in tensors.items():
+                param = self.get_parameter(suffix)
+                param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+
+def check_peft_tensors(layer: AdapterLayer, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`AdapterShapeError` unless ``tensors`` are exactly the layer's, same shapes."""
+    expected = set(layer.peft_suffixes)
+    if set(tensors) != expected:
+        raise AdapterShapeError(
+            f"Module {layer.module_name!r}: the adapter file has tensors "
+            f"{format_choices(tensors)} but a {type(layer).__name__} needs "
+            f"{format_choices(expected)}. Was it saved for another adapter type?"
+        )
+    for suffix, tensor in tensors.items():
+        want = tuple(layer.get_parameter(suffix).shape)
+        if tuple(tensor.shape) != want:
+            raise AdapterShapeError(
+                f"Module {layer.module_name!r}: tensor {suffix!r} has shape "
+                f"{tuple(tensor.shape)} but this base needs {want} (in_features="
+                f"{layer.in_features}, out_features={layer.out_features}). The adapter was "
+                f"probably made for another base model."
+            )

@@ -1,0 +1,149 @@
+"""PEFT's on-disk adapter layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Tensor names are PEFT's (``base_model.model.<module>.lora_A.weight``) so each side
+loads the other's folders. moa's own metadata (base fingerprint, adapter type, version)
+goes into the safetensors header (str -> str) and an optional ``moa.json``; never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moa.atomic import atomic_directory
+from moa.errors import AdapterFormatError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+MOA_METADATA_NAME = "moa.json"
+PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin")
+PEFT_PREFIX = "base_model.model."
+FINGERPRINT_KEY = "moa.base_fingerprint"
+
+
+@dataclass
+class AdapterFiles:
+    """The contents of one adapter folder.
+
+    Attributes:
+        config: ``adapter_config.json`` as a dict.
+        tensors: PEFT tensor name -> tensor (CPU).
+        metadata: the safetensors header metadata (str -> str).
+        moa: ``moa.json`` as a dict (empty when absent, e.g. a PEFT-made folder).
+        path: the folder read.
+    """
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    moa: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Fingerprint of the base the adapter was saved against, if moa saved it."""
+        return self.metadata.get(FINGERPRINT_KEY) or self.moa.get("base", {}).get("fingerprint")
+
+
+def peft_key(module_name: str, suffix: str) -> str:
+    """PEFT's saved name of a tensor: ``base_model.model.<module>.<suffix>``."""
+    return f"{PEFT_PREFIX}{module_name}.{suffix}"
+
+
+def split_peft_key(key: str, suffixes: Sequence[str]) -> tuple[str, str] | None:
+    """``(module name, suffix)`` of a PEFT tensor name, or ``None`` if no suffix fits.
+
+    Accepts the saved form (``...q_proj.lora_A.weight``) and the in-memory form with an
+    adapter name (``...q_proj.lora_A.default.weight``).
+    """
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    for suffix in suffixes:
+        if name.endswith("." + suffix):
+            return name[: -len(suffix) - 1], suffix
+        head, _, leaf = suffix.rpartition(".")
+        if head:
+            match = re.match(rf"^(.*)\.{re.escape(head)}\.[^.]+\.{re.escape(leaf)}$", name)
+            if match:
+                return match.group(1), suffix
+    return None
+
+
+def write_adapter_folder(
+    directory: str | os.PathLike,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    moa_metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write an adapter folder atomically (replacing any folder at ``directory``)."""
+    header = {"format": "pt", **(metadata or {})}
+    with atomic_directory(directory) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, header)
+        if moa_metadata:
+            (tmp / MOA_METADATA_NAME).write_text(json.dumps(dict(moa_metadata), indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def read_adapter_folder(directory: str | os.PathLike) -> AdapterFiles:
+    """Read an adapter folder, raising :class:`AdapterFormatError` for anything unusable."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise AdapterFormatError(
+            f"Adapter folder {str(path)!r} does not exist. Give a folder holding {CONFIG_NAME} "
+            f"and {WEIGHTS_NAME}, or a Hub repo id."
+        )
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFormatError(
+            f"{str(path)!r} has no {CONFIG_NAME}; it is not a PEFT adapter folder. Files there: "
+            f"{sorted(p.name for p in path.iterdir())[:10]}."
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFormatError(f"{str(config_path)!r} is not valid JSON: {error}.") from error
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{str(config_path)!r} must hold a JSON object, not {type(config).__name__}.")
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
+        hint = (
+            f" It has {pickles[0]}, a pickle, which moa refuses to load (pickles run code). "
+            f"Re-save it with PEFT's save_pretrained(safe_serialization=True)."
+            if pickles
+            else ""
+        )
+        raise AdapterFormatError(f"{str(path)!r} has no {WEIGHTS_NAME}.{hint}")
+    tensors, metadata = read_safetensors(weights_path)
+    moa_path = path / MOA_METADATA_NAME
+    moa_metadata: dict[str, Any] = {}
+    if moa_path.is_file():
+        try:
+            moa_metadata = json.loads(moa_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise AdapterFormatError(f"{str(moa_path)!r} is not valid JSON: {error}.") from error
+    return AdapterFiles(config=config, tensors=tensors, metadata=metadata, moa=moa_metadata, path=path)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file (corrupt -> AdapterFormatError)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types and OSError
+        raise AdapterFormatError(
+            f"{str(path)!r} is not a readable safetensors file ({type(error).__name__}: {error}). "
+            f"It may be truncated or corrupt: download or save it again."
+        ) from error
+    return tensors, metadata

@@ -1,0 +1,119 @@
+"""The exceptions moa raises.
+
+Every error is a :class:`MoaError` and also subclasses the closest builtin, so
+``except KeyError`` or ``except ValueError`` in user code keeps working. Messages
+follow one rule: what failed, the offending value, the valid choices, the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def format_choices(choices: Iterable[str]) -> str:
+    """Render a sorted, comma-separated list of choices (or ``(none)``)."""
+    names = sorted(str(c) for c in choices)
+    return ", ".join(names) if names else "(none)"
+
+
+class MoaError(Exception):
+    """Base class of every error moa raises on purpose."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+# --- names that do not exist -------------------------------------------------------------
+
+
+class UnknownAdapterError(MoaError, KeyError):
+    """An adapter name that is not loaded in the model."""
+
+
+class UnknownPluginError(MoaError, KeyError):
+    """An adapter type, router or merge strategy that no plugin registers."""
+
+
+class BackendUnavailableError(MoaError, RuntimeError):
+    """A kernel backend that was asked for but cannot run here."""
+
+
+class MissingDependencyError(MoaError, ImportError):
+    """An optional package needed for this operation is not installed."""
+
+
+# --- plugins -----------------------------------------------------------------------------
+
+
+class PluginError(MoaError, RuntimeError):
+    """A plugin failed to import, register or answer a hook."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins register the same name for the same kind of thing."""
+
+
+# --- adapters and their files ------------------------------------------------------------
+
+
+class AdapterError(MoaError, ValueError):
+    """An adapter cannot be created, loaded or saved as asked."""
+
+
+class AdapterConfigError(AdapterError):
+    """An adapter config with invalid or unsupported values."""
+
+
+class AdapterFormatError(AdapterError):
+    """An adapter file that is missing, corrupt, truncated or not safetensors."""
+
+
+class AdapterShapeError(AdapterError):
+    """Adapter tensors whose shapes or ranks do not fit the base model."""
+
+
+class TargetModuleError(AdapterError):
+    """``target_modules`` that match nothing (or something that is not a linear layer)."""
+
+
+class BaseModelMismatchError(AdapterError):
+    """An adapter (or mixture) made for another base model (fingerprint differs)."""
+
+
+class AdapterExistsError(AdapterError):
+    """An adapter name that is already taken in the model."""
+
+
+# --- routing -----------------------------------------------------------------------------
+
+
+class RoutingError(MoaError, ValueError):
+    """A routing request that cannot be honoured (bad names, weights or shapes)."""
+
+
+# --- base models -------------------------------------------------------------------------
+
+
+class BaseModelError(MoaError, OSError):
+    """A base model that cannot be found, converted or loaded."""
+
+
+__all__ = [
+    "AdapterConfigError",
+    "AdapterError",
+    "AdapterExistsError",
+    "AdapterFormatError",
+    "AdapterShapeError",
+    "BackendUnavailableError",
+    "BaseModelError",
+    "BaseModelMismatchError",
+    "MissingDependencyError",
+    "MoaError",
+    "PluginConflictError",
+    "PluginError",
+    "RoutingError",
+    "TargetModuleError",
+    "UnknownAdapterError",
+    "UnknownPluginError",
+    "format_choices",
+]

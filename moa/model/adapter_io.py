@@ -1,0 +1,150 @@
+"""Reading adapter folders into a MixtureModel's layers, and writing them back (PEFT layout)."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import moa
+from moa.adapters.base import AdapterConfig, AdapterLayer
+from moa.adapters.peft_format import (
+    CONFIG_NAME,
+    FINGERPRINT_KEY,
+    MOA_METADATA_NAME,
+    WEIGHTS_NAME,
+    peft_key,
+    read_adapter_folder,
+    split_peft_key,
+    write_adapter_folder,
+)
+from moa.errors import (
+    AdapterConfigError,
+    AdapterFormatError,
+    BaseModelMismatchError,
+    TargetModuleError,
+    format_choices,
+)
+from moa.model.targets import linear_features, linear_module_names, module_suffixes
+
+if TYPE_CHECKING:
+    from moa.model.mixture_model import MixtureModel
+
+
+def resolve_adapter_source(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder for an adapter given as a folder or a Hub repo id.
+
+    Hub repos come through ``huggingface_hub`` (from the local cache when offline); only
+    the PEFT files are fetched, never pickles.
+    """
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+        raise AdapterFormatError(
+            f"Adapter {text!r} is neither a folder nor a Hub repo id ('owner/name'). Give the "
+            f"folder holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a repo id."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=text,
+            revision=revision,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MOA_METADATA_NAME, "README.md"],
+        )
+    except Exception as error:  # the hub client raises many types; all mean "not available"
+        raise AdapterFormatError(
+            f"Could not get adapter repo {text!r} (revision {revision or 'main'}) from the Hub or "
+            f"its local cache: {type(error).__name__}: {error}. Check the repo id, your "
+            f"HF_ENDPOINT / token, or pass a local folder."
+        ) from error
+    return Path(local)
+
+
+def read_adapter(
+    model: MixtureModel, path_or_repo_id: str | os.PathLike, revision: str | None = None
+) -> tuple[AdapterConfig, dict[str, AdapterLayer]]:
+    """Build (but do not install) the layers of an adapter folder, checking everything.
+
+    Raises:
+        AdapterFormatError: unreadable folder, corrupt weights, unexpected tensor names.
+        BaseModelMismatchError: saved against a base with another fingerprint.
+        AdapterConfigError: options this adapter type cannot honour.
+        TargetModuleError: a tensor for a module this base does not have (or not linear).
+        AdapterShapeError: a tensor whose shape does not fit its module.
+    """
+    from moa.plugin import adapter_type_for_peft_type
+
+    files = read_adapter_folder(resolve_adapter_source(path_or_repo_id, revision))
+    saved_fingerprint = files.base_fingerprint
+    if saved_fingerprint and saved_fingerprint != model.base_fingerprint:
+        saved_base = files.moa.get("base", {}).get("name_or_path") or files.config.get("base_model_name_or_path")
+        raise BaseModelMismatchError(
+            f"Adapter {str(path_or_repo_id)!r} was made for base {saved_base!r} (fingerprint "
+            f"{saved_fingerprint}), but this model's base is "
+            f"{getattr(model.config, '_name_or_path', '?')!r} (fingerprint {model.base_fingerprint}). "
+            f"Load it on the base it was trained on."
+        )
+    peft_type = files.config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise AdapterConfigError(
+            f"{CONFIG_NAME} of {str(path_or_repo_id)!r} has no 'peft_type' (got {peft_type!r}); "
+            f"it is not a PEFT adapter config."
+        )
+    spec = adapter_type_for_peft_type(peft_type)
+    config = spec.config_class.from_dict(files.config)
+    suffixes = spec.layer_class.peft_suffixes
+    by_module: dict[str, dict[str, object]] = defaultdict(dict)
+    for key, tensor in files.tensors.items():
+        parsed = split_peft_key(key, suffixes)
+        if parsed is None:
+            raise AdapterFormatError(
+                f"Tensor {key!r} in {str(path_or_repo_id)!r} is not a {spec.name} tensor (expected "
+                f"names ending in {format_choices(suffixes)})."
+            )
+        module_name, suffix = parsed
+        by_module[module_name][suffix] = tensor
+    if not by_module:
+        raise AdapterFormatError(f"{str(path_or_repo_id)!r} holds no adapter tensors.")
+    linear = {n.replace(".base_layer", "") for n in linear_module_names(model.base_model)}
+    linear |= {layer.module_name for layer in model.mixture_layers()}
+    layers: dict[str, AdapterLayer] = {}
+    for module_name, tensors in sorted(by_module.items()):
+        if module_name not in linear:
+            raise TargetModuleError(
+                f"The adapter has weights for module {module_name!r}, which is not a linear layer of "
+                f"this base. Its linear modules end in: "
+                f"{format_choices(module_suffixes(sorted(linear)))}. Was it made for another base?"
+            )
+        layer = spec.layer_class(config, module_name, *linear_features(model._base_layer(module_name)))
+        layer.load_peft_state_dict(tensors)
+        layers[module_name] = layer
+    return config, layers
+
+
+def write_adapter(model: MixtureModel, adapter_name: str, directory: str | os.PathLike) -> Path:
+    """Save one adapter of ``model`` as a PEFT folder (atomically)."""
+    from moa.model.base_loading import describe_base
+
+    config = model.peft_config[adapter_name]
+    layers = model.adapter_layers(adapter_name)
+    tensors = {
+        peft_key(module_name, suffix): tensor
+        for module_name, layer in layers.items()
+        for suffix, tensor in layer.peft_state_dict().items()
+    }
+    config_dict = config.to_dict()
+    if config_dict.get("target_modules") == "all-linear":
+        config_dict["target_modules"] = module_suffixes(sorted(layers))  # PEFT saves it expanded
+    base = describe_base(model.base_model)
+    config_dict["base_model_name_or_path"] = config.base_model_name_or_path or base.get("name_or_path")
+    metadata = {
+        FINGERPRINT_KEY: model.base_fingerprint,
+        "moa.adapter_type": config.adapter_type,
+        "moa.version": moa.__version__,
+    }
+    moa_metadata = {"moa_version": moa.__version__, "adapter_type": config.adapter_type, "base": base}
+    return write_adapter_folder(directory, config_dict, tensors, metadata, moa_metadata)

@@ -1,0 +1,131 @@
+"""MixtureLinear: a base linear layer plus a bank of adapters mixed per token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa import kernels
+from moa.adapters.base import AdapterLayer
+from moa.kernels.metadata import LoraStack, RoutingMetadata
+from moa.model.targets import linear_features
+
+
+@dataclass
+class RoutingState:
+    """State shared by every MixtureLinear of one model (never recomputed per layer).
+
+    Attributes:
+        adapter_names: loaded adapters in slot order; routing ids index this list.
+        layout_version: bumped whenever adapters are added or removed, so layers
+            rebuild their :class:`LoraStack`.
+        metadata: the current forward's tokens grouped by adapter, or ``None`` (base only).
+        enabled: ``False`` inside ``model.disable_adapters()``.
+    """
+
+    adapter_names: list[str] = field(default_factory=list)
+    layout_version: int = 0
+    metadata: RoutingMetadata | None = None
+    enabled: bool = True
+
+
+class MixtureLinear(nn.Module):
+    """``y = base(x) + sum_j w[t, j] * delta_{ids[t, j]}(x[t])`` for every token ``t``.
+
+    The base layer (``nn.Linear`` or bitsandbytes ``Linear4bit``) is wrapped, never
+    subclassed, and never dequantized here: it runs as it is, and the adapters' low-rank
+    terms are added by one shrink and one expand over the whole batch, whatever mix of
+    adapters its rows use. Adapter types that are not low rank take a per-adapter path.
+
+    Args:
+        base_layer: The linear layer being wrapped (kept as ``self.base_layer``).
+        module_name: Its full name in the base model.
+        state: The model's shared :class:`RoutingState`.
+    """
+
+    def __init__(self, base_layer: nn.Module, module_name: str, state: RoutingState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.adapters = nn.ModuleDict()
+        self._state = state
+        self._stack: LoraStack | None = None
+        self._stack_version = -1
+        self._generic: dict[int, AdapterLayer] = {}
+
+    # -- the bank --------------------------------------------------------------------------
+
+    def add_adapter_layer(self, name: str, layer: AdapterLayer) -> None:
+        """Attach one adapter's weights (the caller bumps ``state.layout_version``)."""
+        self.adapters[name] = layer
+
+    def remove_adapter_layer(self, name: str) -> AdapterLayer | None:
+        """Detach and return one adapter's weights, if this layer has them."""
+        if name in self.adapters:
+            layer = self.adapters[name]
+            del self.adapters[name]
+            return layer
+        return None
+
+    def stack(self) -> LoraStack:
+        """This layer's low-rank adapters by slot, rebuilt only when the layout changed."""
+        if self._stack is None or self._stack_version != self._state.layout_version:
+            lora_a: list[torch.Tensor | None] = []
+            lora_b: list[torch.Tensor | None] = []
+            scales: list[float] = []
+            self._generic = {}
+            for slot, name in enumerate(self._state.adapter_names):
+                layer = self.adapters[name] if name in self.adapters else None
+                low_rank = layer.low_rank() if layer is not None else None
+                if layer is not None and low_rank is None:
+                    self._generic[slot] = layer
+                a, b, scale = low_rank if low_rank is not None else (None, None, 0.0)
+                lora_a.append(a)
+                lora_b.append(b)
+                scales.append(float(scale))
+            self._stack = LoraStack(lora_a, lora_b, scales, self.in_features, self.out_features)
+            self._stack_version = self._state.layout_version
+        return self._stack
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        meta = self._state.metadata
+        if meta is None or not self._state.enabled or meta.num_pairs == 0 or len(self.adapters) == 0:
+            return out
+        stack = self.stack()
+        low_rank_active = [s for s in meta.active_adapters if stack.lora_a[s] is not None]
+        generic_active = [s for s in meta.active_adapters if s in self._generic]
+        if not low_rank_active and not generic_active:
+            return out
+        x2 = x.reshape(-1, self.in_features)
+        out2 = out.reshape(-1, self.out_features)
+        if meta.num_tokens != x2.shape[0]:
+            raise RuntimeError(
+                f"{self.module_name}: routing metadata is for {meta.num_tokens} tokens but this "
+                f"layer got {x2.shape[0]}; the model's forward pre-hook was bypassed."
+            )
+        if torch.is_grad_enabled():
+            out2 = out2.clone()  # autograd may need the base output as it was
+        if low_rank_active:
+            xs = x2.to(stack.dtype())
+            if self.training:
+                p = max(self.adapters[self._state.adapter_names[s]].dropout_p() for s in low_rank_active)
+                xs = F.dropout(xs, p=p, training=True) if p > 0 else xs
+            h = kernels.lora_shrink(xs, stack, meta)
+            kernels.lora_expand(h, stack, meta, out2)
+        for slot in generic_active:
+            start, end = meta.pairs_of(slot)
+            index = meta.token_index[start:end]
+            weight = meta.pair_weight[start:end]
+            delta = self._generic[slot].delta(x2.index_select(0, index), self.base_layer)
+            out2.index_add_(0, index, (delta * weight[:, None].to(delta.dtype)).to(out2.dtype))
+        return out2.view(out.shape)
+
+    def extra_repr(self) -> str:
+        return f"module={self.module_name!r}, adapters={list(self.adapters)}"

@@ -1,0 +1,93 @@
+"""Which modules of a base an adapter targets, and how their linear shapes are read."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+from moa.errors import TargetModuleError, format_choices
+
+#: Output heads never targeted by ``"all-linear"`` (PEFT excludes the output layer too).
+OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit linear layer."""
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer an adapter can wrap (dense or bitsandbytes)."""
+    return isinstance(module, nn.Linear) or is_quantized_linear(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a dense or bitsandbytes linear layer."""
+    return int(module.in_features), int(module.out_features)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every linear layer of ``model`` that is not inside a moa wrapper."""
+    names = []
+    for name, module in model.named_modules():
+        if is_linear(module) and ".base_layer" not in f".{name}" and ".adapters." not in f".{name}.":
+            names.append(name)
+    return names
+
+
+def _strip_wrapper(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+    """Module names matched by ``target_modules``, PEFT's way.
+
+    * ``"all-linear"``: every linear layer but the output head.
+    * another string: a regex that must match a module's full name (``re.fullmatch``).
+    * a list: a module matches if its name equals an entry or ends with ``"." + entry``.
+
+    Raises:
+        TargetModuleError: if an entry matches no linear layer, or nothing matches.
+    """
+    candidates = [_strip_wrapper(n) for n in linear_module_names(model)]
+    candidates += [
+        name for name, module in model.named_modules()
+        if type(module).__name__ == "MixtureLinear"
+    ]
+    candidates = sorted(set(candidates))
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            matched = [n for n in candidates if n.rsplit(".", 1)[-1] not in OUTPUT_LAYER_NAMES]
+        else:
+            try:
+                pattern = re.compile(target_modules)
+            except re.error as error:
+                raise TargetModuleError(
+                    f"target_modules={target_modules!r} is not a valid regex ({error}). Use a list of "
+                    f"module names instead, e.g. {suffixes[:4]}."
+                ) from error
+            matched = [n for n in candidates if pattern.fullmatch(n)]
+        if not matched:
+            raise TargetModuleError(
+                f"target_modules={target_modules!r} matches no linear layer of this base. Linear "
+                f"module names end in: {format_choices(suffixes)}."
+            )
+        return matched
+    matched_set: set[str] = set()
+    for entry in target_modules:
+        hits = [n for n in candidates if n == entry or n.endswith("." + entry)]
+        if not hits:
+            raise TargetModuleError(
+                f"Target module {entry!r} matches no linear layer of this base. Linear module "
+                f"names end in: {format_choices(suffixes)}. Or use target_modules='all-linear'."
+            )
+        matched_set.update(hits)
+    return sorted(matched_set)
+
+
+def module_suffixes(module_names: Sequence[str]) -> list[str]:
+    """The distinct last components of ``module_names`` (PEFT's saved ``target_modules``)."""
+    return sorted({n.rsplit(".", 1)[-1] for n in module_names})

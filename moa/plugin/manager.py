@@ -1,0 +1,440 @@
+"""The moa plugin manager: built-ins, entry points, isolation of failures, lookups.
+
+:class:`MoaPluginManager` wraps a ``pluggy.PluginManager("moa")``. It registers the
+built-ins of :data:`moa.default_plugins.BUILTIN_PLUGINS`, then every entry point of the
+``moa`` group, one at a time: a plugin that fails to import, to register, names a hook
+moa does not have, raises in a hook or returns something other than a list of records
+is skipped with one :class:`MoaPluginWarning` (and a log record) naming the plugin, its
+distribution and the error. ``MOA_STRICT_PLUGINS=1`` turns that into a
+:class:`~moa.errors.PluginError`; ``MOA_DISABLE_PLUGINS=a,b`` blocks plugins by name.
+Only public pluggy API is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pluggy
+
+from moa.errors import PluginConflictError, PluginError, UnknownPluginError, format_choices
+from moa.plugin.records import AdapterTypeSpec, MergeStrategySpec, RouterSpec
+from moa.plugin.report import PluginInfo, PluginSource
+from moa.plugin.validation import check_records
+
+logger = logging.getLogger(__name__)
+
+PROJECT_NAME = "moa"
+#: Entry-point group third-party plugins declare: ``[project.entry-points.moa]``.
+ENTRY_POINT_GROUP = "moa"
+STRICT_ENV = "MOA_STRICT_PLUGINS"
+DISABLE_ENV = "MOA_DISABLE_PLUGINS"
+
+#: Hook name -> kind key (as in :attr:`PluginInfo.provides` and :meth:`MoaPluginManager.specs`).
+HOOK_KINDS: dict[str, str] = {
+    "moa_adapter_types": "adapter_types",
+    "moa_routers": "routers",
+    "moa_merge_strategies": "merge_strategies",
+}
+_LABEL = {"adapter_types": "adapter type", "routers": "router", "merge_strategies": "merge strategy"}
+
+
+class MoaPluginWarning(UserWarning):
+    """A plugin was skipped because it is broken (see the message for which and why)."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_names(name: str) -> list[str]:
+    return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
+
+
+def _moa_version() -> str | None:
+    try:
+        version = getattr(importlib.import_module("moa"), "__version__", None)
+    except Exception:  # noqa: BLE001 - a half-written moa/__init__ must not break listing
+        version = None
+    if version:
+        return str(version)
+    try:
+        return importlib.metadata.version("moa")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    try:
+        return dist.metadata["Name"] or None, dist.version or None
+    except Exception:  # noqa: BLE001 - malformed METADATA: still load and name the plugin
+        return None, None
+
+
+def _hook_suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, list(HOOK_KINDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Rejected(Exception):
+    """Internal: why a plugin is skipped (the 'what' part of the warning)."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(what)
+        self.what = what
+        self.cause = cause
+
+
+class MoaPluginManager:
+    """Discovers, validates and looks up moa plugins.
+
+    Args:
+        load_builtins: Register :data:`moa.default_plugins.BUILTIN_PLUGINS`.
+        load_entry_points: Register every entry point of the ``moa`` group (entry points
+            that name a built-in module are skipped: built-ins load once, as built-ins).
+        strict: Raise :class:`PluginError` instead of warning when a plugin is broken;
+            ``None`` reads ``MOA_STRICT_PLUGINS``.
+        disabled: Plugin names to block; ``None`` reads ``MOA_DISABLE_PLUGINS`` (comma-separated).
+
+    Raises:
+        PluginConflictError: Two plugins share a plugin name, or register the same name
+            (or PEFT type) for the same kind.
+        PluginError: A plugin is broken and ``strict`` is on.
+
+    Example::
+
+        pm = MoaPluginManager()
+        router_cls = pm.get_router("fixed")
+    """
+
+    def __init__(self, *, load_builtins: bool = True, load_entry_points: bool = True,
+                 strict: bool | None = None, disabled: Iterable[str] | None = None) -> None:
+        from moa import hookspecs  # imported here: hookspecs itself imports moa.plugin
+
+        self._pm = pluggy.PluginManager(PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._strict = _env_flag(STRICT_ENV) if strict is None else bool(strict)
+        self._disabled = tuple(_env_names(DISABLE_ENV) if disabled is None else disabled)
+        self._infos: dict[str, PluginInfo] = {}
+        # kind -> record name -> (record, plugin name)
+        self._records: dict[str, dict[str, tuple[Any, str]]] = {k: {} for k in HOOK_KINDS.values()}
+        for name in self._disabled:
+            self._pm.set_blocked(name)
+        if load_builtins:
+            self._load_builtins()
+        if load_entry_points:
+            self._load_entry_points()
+        unmatched = [n for n in self._disabled if n not in self._infos]
+        if unmatched:
+            logger.warning("%s names %s, which no installed moa plugin uses. Known plugins: %s.",
+                           DISABLE_ENV, ", ".join(unmatched), format_choices(self._infos))
+
+    # --- loading ------------------------------------------------------------------------
+
+    @property
+    def pluggy_manager(self) -> pluggy.PluginManager:
+        """The wrapped pluggy manager (prefer :meth:`register`, which validates)."""
+        return self._pm
+
+    @property
+    def strict(self) -> bool:
+        """Whether broken plugins raise instead of being skipped with a warning."""
+        return self._strict
+
+    def _load_builtins(self) -> None:
+        from moa.default_plugins import BUILTIN_PLUGINS
+
+        version = _moa_version()
+        for name, module_path in BUILTIN_PLUGINS:
+            self._load(name, "moa", version, "builtin",
+                       lambda path=module_path: importlib.import_module(path))
+
+    def _load_entry_points(self) -> None:
+        from moa.default_plugins import BUILTIN_PLUGINS
+
+        builtin_modules = {path for _, path in BUILTIN_PLUGINS}
+        try:
+            eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        except Exception as exc:  # noqa: BLE001 - corrupt metadata of some unrelated dist
+            logger.warning("Could not read the %r entry points (%s: %s); only built-in moa "
+                           "plugins are loaded.", ENTRY_POINT_GROUP, type(exc).__name__, exc)
+            return
+        for ep in eps:
+            dist, version = _dist_of(ep)
+            if ep.value.split(":")[0].strip() in builtin_modules:
+                logger.debug("Entry point %r (%s) names built-in module %s; loaded as built-in.",
+                             ep.name, dist, ep.value)
+                continue
+            self._load(ep.name, dist, version, "entry point", ep.load)
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        """Register a plugin object (usually a module) in code, e.g. in tests.
+
+        Unlike discovery, a broken plugin raises here (the caller is right there).
+
+        Args:
+            plugin: A module, class or object with ``@hookimpl`` functions.
+            name: Plugin name; defaults to pluggy's canonical name (a module's ``__name__``).
+
+        Returns:
+            The plugin name, or ``None`` when that name is blocked by ``MOA_DISABLE_PLUGINS``.
+
+        Raises:
+            PluginError: The plugin fails validation, names an unknown hook, or a hook
+                raises or returns invalid records. The manager is left unchanged.
+            PluginConflictError: The plugin name, or a name it provides, is already taken.
+        """
+        name = name or self._pm.get_canonical_name(plugin)
+        loaded = self._load(name, None, None, "registered", lambda: plugin, strict=True)
+        return name if loaded else None
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin and everything it registered.
+
+        Args:
+            name: A plugin name from :meth:`list_plugins`.
+
+        Raises:
+            UnknownPluginError: No plugin of that name is listed.
+        """
+        if name not in self._infos:
+            raise UnknownPluginError(f"Unknown plugin {name!r}. Listed: "
+                                     f"{format_choices(self._infos)}. Run 'moa plugins'.")
+        if self._infos[name].status == "loaded":
+            self._pm.unregister(name=name)
+        for table in self._records.values():
+            for rec_name in [n for n, (_, owner) in table.items() if owner == name]:
+                del table[rec_name]
+        del self._infos[name]
+
+    def _load(self, name: str, dist: str | None, version: str | None, source: PluginSource,
+              loader: Callable[[], Any], strict: bool | None = None) -> bool:
+        info = PluginInfo(name, dist, version, source, "loaded")
+        if self._pm.is_blocked(name):
+            self._infos[name] = PluginInfo(name, dist, version, source, "blocked")
+            logger.info("moa %s is blocked by %s; not loaded.", info.describe(), DISABLE_ENV)
+            return False
+        if name in self._infos:
+            first = self._infos[name]
+            step = (f"Register it under another name: register(plugin, name=...)."
+                    if source == "registered" else
+                    f"Uninstall one of them (pip uninstall {dist or first.distribution}).")
+            raise PluginConflictError(f"Two moa plugins are named {name!r}: {first.describe()} "
+                                      f"and {info.describe()}. Plugin names must be unique. {step}")
+        try:
+            provided = self._import_register_collect(name, loader)
+        except _Rejected as rej:
+            self._reject(info, rej, self._strict if strict is None else strict)
+            return False
+        try:
+            self._check_conflicts(info, provided)
+        except PluginConflictError:
+            self._pm.unregister(name=name)
+            raise
+        for kind, recs in provided.items():
+            for rec in recs:
+                self._records[kind][rec.name] = (rec, name)
+        self._infos[name] = PluginInfo(
+            name, dist, version, source, "loaded",
+            provides={k: tuple(r.name for r in recs) for k, recs in provided.items() if recs})
+        logger.debug("Loaded moa %s: %s", info.describe(), self._infos[name].provides)
+        return True
+
+    def _import_register_collect(self, name: str, loader: Callable[[], Any]) -> dict[str, list]:
+        try:
+            plugin = loader()
+        except Exception as exc:  # noqa: BLE001 - any import error is the plugin's
+            raise _Rejected("failed to import", exc) from exc
+        try:
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 - PluginValidationError, ValueError
+            if self._pm.get_plugin(name) is plugin:  # older pluggy registers partially
+                self._pm.unregister(name=name)
+            raise _Rejected("failed pluggy validation on register", exc) from exc
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            bad = self._unknown_hooks(plugin)
+            self._pm.unregister(name=name)
+            if not bad:  # the culprit was registered on pluggy_manager directly: name it
+                self.check_pending()
+            hooks = ", ".join(f"{h!r}{_hook_suggestion(h)}" for h in bad)
+            raise _Rejected("implements an unknown hook", PluginError(
+                f"{hooks} is not a moa hook; valid hooks: {format_choices(HOOK_KINDS)}")) from exc
+        provided: dict[str, list] = {}
+        for hook_name, kind in HOOK_KINDS.items():
+            recs: list[Any] = []
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                try:
+                    if impl.wrapper or impl.hookwrapper:
+                        raise PluginError(f"{hook_name} is a hook wrapper; moa hooks must "
+                                          f"return records, not wrap other plugins.")
+                    try:
+                        result = impl.function()
+                    except Exception as exc:  # noqa: BLE001 - isolate the plugin's bug
+                        raise _Rejected(f"raised in its hook {hook_name}()", exc) from exc
+                    recs.extend(check_records(hook_name, result))
+                except PluginError as exc:
+                    self._pm.unregister(name=name)
+                    raise _Rejected(f"returned invalid records from {hook_name}()", exc) from exc
+                except _Rejected:
+                    self._pm.unregister(name=name)
+                    raise
+            provided[kind] = recs
+        return provided
+
+    def _unknown_hooks(self, plugin: Any) -> list[str]:
+        return sorted({
+            caller.name
+            for caller in self._pm.get_hookcallers(plugin) or []
+            if not caller.has_spec()
+            and any(i.plugin is plugin and not i.optionalhook for i in caller.get_hookimpls())
+        })
+
+    def _check_conflicts(self, info: PluginInfo, provided: dict[str, list]) -> None:
+        for kind, recs in provided.items():
+            for rec in recs:
+                if rec.name in self._records[kind]:
+                    owner = self._infos[self._records[kind][rec.name][1]]
+                    raise self._conflict(f"{_LABEL[kind]} {rec.name!r}", owner, info)
+        seen = {spec.peft_type.upper(): (spec, self._infos[owner])
+                for spec, owner in self._records["adapter_types"].values() if spec.peft_type}
+        for rec in provided.get("adapter_types", []):
+            if not rec.peft_type:
+                continue
+            prev = seen.get(rec.peft_type.upper())
+            if prev is not None:
+                raise self._conflict(f"peft_type {rec.peft_type!r} (adapter types "
+                                     f"{prev[0].name!r} and {rec.name!r})", prev[1], info)
+            seen[rec.peft_type.upper()] = (rec, info)
+
+    @staticmethod
+    def _conflict(what: str, first: PluginInfo, second: PluginInfo) -> PluginConflictError:
+        return PluginConflictError(
+            f"Two moa plugins both register {what}: {first.describe()} and {second.describe()}. "
+            f"Uninstall one of them, or block one with {DISABLE_ENV}={second.name} "
+            f"(or {DISABLE_ENV}={first.name}).")
+
+    def _reject(self, info: PluginInfo, rej: _Rejected, strict: bool) -> None:
+        error = f"{type(rej.cause).__name__}: {rej.cause}"
+        if info.source == "entry point":
+            step = (f"Fix or upgrade it, uninstall it (pip uninstall {info.distribution}), or "
+                    f"skip it quietly with {DISABLE_ENV}={info.name}.")
+        elif info.source == "builtin":
+            step = f"This is a bug in moa; {DISABLE_ENV}={info.name} runs moa without it."
+        else:
+            step = "Fix the plugin object passed to register()."
+        message = f"Skipping moa {info.describe()}: it {rej.what}: {error}. {step}"
+        if strict:
+            raise PluginError(message) from rej.cause
+        self._infos[info.name] = PluginInfo(info.name, info.distribution, info.version,
+                                            info.source, "failed", error=error)
+        logger.warning("%s", message)
+        warnings.warn(message, MoaPluginWarning, stacklevel=4)
+
+    # --- checks and lookups -------------------------------------------------------------
+
+    def check_pending(self) -> None:
+        """Check that every registered hook implementation matches a moa hook.
+
+        Raises:
+            PluginError: Naming the plugin, the misspelled hook and the valid hook names.
+        """
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            bad = self._unknown_hooks(exc.plugin) or ["?"]
+            name = self._pm.get_name(exc.plugin)
+            hooks = ", ".join(f"{h!r}{_hook_suggestion(h)}" for h in bad)
+            raise PluginError(
+                f"moa plugin {name!r} implements {hooks}, which is not a moa hook. Valid hooks: "
+                f"{format_choices(HOOK_KINDS)}. Rename the function (or set the hookimpl's "
+                f"specname=...).") from exc
+
+    def list_plugins(self) -> list[PluginInfo]:
+        """Every plugin seen: loaded, failed or blocked, built-ins first."""
+        return list(self._infos.values())
+
+    def specs(self, kind: str) -> dict[str, Any]:
+        """Name -> record of one kind (``"adapter_types"``, ``"routers"``, ``"merge_strategies"``)."""
+        if kind not in self._records:
+            raise UnknownPluginError(f"Unknown plugin kind {kind!r}. Choices: "
+                                     f"{format_choices(self._records)}.")
+        return {name: rec for name, (rec, _) in sorted(self._records[kind].items())}
+
+    def _lookup(self, kind: str, name: str) -> Any:
+        table = self._records[kind]
+        if isinstance(name, str) and name in table:
+            return table[name][0]
+        msg = f"Unknown {_LABEL[kind]} {name!r}. Registered: {format_choices(table)}."
+        close = difflib.get_close_matches(str(name), list(table), n=1)
+        if close:
+            msg += f" Did you mean {close[0]!r}?"
+        msg += " Is its plugin installed? Run 'moa plugins'."
+        failed = [i.name for i in self._infos.values() if i.status == "failed"]
+        blocked = [i.name for i in self._infos.values() if i.status == "blocked"]
+        if failed:
+            msg += f" Plugins that failed to load: {', '.join(failed)}."
+        if blocked:
+            msg += f" Blocked by {DISABLE_ENV}: {', '.join(blocked)}."
+        raise UnknownPluginError(msg)
+
+    def get_adapter_type(self, name: str) -> AdapterTypeSpec:
+        """The adapter type registered as ``name`` (e.g. ``"lora"``).
+
+        Raises:
+            UnknownPluginError: Listing the registered adapter types.
+        """
+        return self._lookup("adapter_types", name)
+
+    def get_router_spec(self, name: str) -> RouterSpec:
+        """The :class:`RouterSpec` registered as ``name``.
+
+        Raises:
+            UnknownPluginError: Listing the registered routers.
+        """
+        return self._lookup("routers", name)
+
+    def get_router(self, name: str) -> type:
+        """The router class registered as ``name`` (e.g. ``get_router("fixed")({"sql": 1.0})``).
+
+        Raises:
+            UnknownPluginError: Listing the registered routers.
+        """
+        return self.get_router_spec(name).router_class
+
+    def get_merge_strategy(self, name: str) -> MergeStrategySpec:
+        """The merge strategy registered as ``name`` (e.g. ``"ties"``).
+
+        Raises:
+            UnknownPluginError: Listing the registered merge strategies.
+        """
+        return self._lookup("merge_strategies", name)
+
+    def adapter_type_for_peft_type(self, peft_type: str) -> AdapterTypeSpec:
+        """The adapter type that reads ``peft_type`` (from ``adapter_config.json``), any case.
+
+        Raises:
+            UnknownPluginError: Listing the known PEFT types and where others come from.
+        """
+        known = {spec.peft_type.upper(): spec
+                 for spec in self.specs("adapter_types").values() if spec.peft_type}
+        key = peft_type.upper() if isinstance(peft_type, str) else None
+        if key in known:
+            return known[key]
+        choices = ", ".join(f"{p} ({s.name})" for p, s in sorted(known.items())) or "(none)"
+        raise UnknownPluginError(
+            f"No adapter type reads peft_type {peft_type!r}. Known PEFT types: {choices}. "
+            f"Other adapter types (DoRA, IA3, VeRA...) come from plugins: install one that "
+            f"provides it, then check 'moa plugins'.")

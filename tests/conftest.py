@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Llama bases (fast) and seeds."""
+
+from __future__ import annotations
+
+import os
+
+# huggingface_hub reads these at import time: set them before anything imports it.
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    """A tiny random LlamaForCausalLM (fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides}))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """A tiny random Llama saved as a local base folder (safetensors)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tiny_base_dir):
+    """A fresh fp32 MixtureModel over the tiny base, no adapters."""
+    from transformers import LlamaForCausalLM
+
+    import moa
+
+    base = LlamaForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
+    return moa.MixtureModel(base)
+
+
+@pytest.fixture
+def input_ids():
+    """A [4, 7] batch of token ids for the tiny base."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, TINY_CONFIG["vocab_size"], (4, 7), generator=generator)
