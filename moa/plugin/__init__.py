@@ -81,7 +81,7 @@ def get_adapter_type(name: str) -> AdapterTypeSpec:
 
 
 def adapter_type_for_peft_type(peft_type: str) -> AdapterTypeSpec:
-    """The adapter type that reads ``peft_type`` (``"LORA"``, any case) from ``adapter_config.json``.
+    """The adapter type that reads ``peft_type`` (``"LORA"``, any case) of ``adapter_config.json``.
 
     Raises:
         UnknownPluginError: Listing the known PEFT types.

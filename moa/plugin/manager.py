@@ -25,8 +25,8 @@ import pluggy
 
 from moa.errors import PluginConflictError, PluginError, UnknownPluginError, format_choices
 from moa.plugin.records import AdapterTypeSpec, MergeStrategySpec, RouterSpec
-from moa.plugin.report import PluginInfo, PluginSource
-from moa.plugin.validation import check_records
+from moa.plugin.report import PluginInfo, PluginSource, distribution_of, moa_version
+from moa.plugin.validation import HOOK_KINDS, check_records, hook_suggestion, unknown_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,8 @@ ENTRY_POINT_GROUP = "moa"
 STRICT_ENV = "MOA_STRICT_PLUGINS"
 DISABLE_ENV = "MOA_DISABLE_PLUGINS"
 
-#: Hook name -> kind key (as in :attr:`PluginInfo.provides` and :meth:`MoaPluginManager.specs`).
-HOOK_KINDS: dict[str, str] = {
-    "moa_adapter_types": "adapter_types",
-    "moa_routers": "routers",
-    "moa_merge_strategies": "merge_strategies",
-}
-_LABEL = {"adapter_types": "adapter type", "routers": "router", "merge_strategies": "merge strategy"}
+_LABEL = {"adapter_types": "adapter type", "routers": "router",
+          "merge_strategies": "merge strategy"}
 
 
 class MoaPluginWarning(UserWarning):
@@ -55,34 +50,6 @@ def _env_flag(name: str) -> bool:
 
 def _env_names(name: str) -> list[str]:
     return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
-
-
-def _moa_version() -> str | None:
-    try:
-        version = getattr(importlib.import_module("moa"), "__version__", None)
-    except Exception:  # noqa: BLE001 - a half-written moa/__init__ must not break listing
-        version = None
-    if version:
-        return str(version)
-    try:
-        return importlib.metadata.version("moa")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _dist_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return None, None
-    try:
-        return dist.metadata["Name"] or None, dist.version or None
-    except Exception:  # noqa: BLE001 - malformed METADATA: still load and name the plugin
-        return None, None
-
-
-def _hook_suggestion(name: str) -> str:
-    close = difflib.get_close_matches(name, list(HOOK_KINDS), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class _Rejected(Exception):
@@ -153,7 +120,7 @@ class MoaPluginManager:
     def _load_builtins(self) -> None:
         from moa.default_plugins import BUILTIN_PLUGINS
 
-        version = _moa_version()
+        version = moa_version()
         for name, module_path in BUILTIN_PLUGINS:
             self._load(name, "moa", version, "builtin",
                        lambda path=module_path: importlib.import_module(path))
@@ -169,7 +136,7 @@ class MoaPluginManager:
                            "plugins are loaded.", ENTRY_POINT_GROUP, type(exc).__name__, exc)
             return
         for ep in eps:
-            dist, version = _dist_of(ep)
+            dist, version = distribution_of(ep)
             if ep.value.split(":")[0].strip() in builtin_modules:
                 logger.debug("Entry point %r (%s) names built-in module %s; loaded as built-in.",
                              ep.name, dist, ep.value)
@@ -254,20 +221,30 @@ class MoaPluginManager:
             plugin = loader()
         except Exception as exc:  # noqa: BLE001 - any import error is the plugin's
             raise _Rejected("failed to import", exc) from exc
+        if plugin is None:  # pluggy would silently ignore it
+            raise _Rejected("failed to import", PluginError("its entry point resolved to None"))
         try:
             self._pm.register(plugin, name=name)
         except Exception as exc:  # noqa: BLE001 - PluginValidationError, ValueError
             if self._pm.get_plugin(name) is plugin:  # older pluggy registers partially
                 self._pm.unregister(name=name)
-            raise _Rejected("failed pluggy validation on register", exc) from exc
+            raise _Rejected("was rejected by pluggy on register", exc) from exc
+        if not self._pm.get_hookcallers(plugin):
+            self._pm.unregister(name=name)
+            undecorated = sorted(a for a in dir(plugin) if a.startswith("moa_"))
+            hint = (f" {', '.join(undecorated)} lack the @hookimpl decorator "
+                    f"(from moa.hookspecs import hookimpl)." if undecorated else "")
+            raise _Rejected("implements no moa hook", PluginError(
+                f"{plugin!r:.100} has no @hookimpl functions.{hint} Valid hooks: "
+                f"{format_choices(HOOK_KINDS)}"))
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            bad = self._unknown_hooks(plugin)
+            bad = unknown_hooks(self._pm, plugin)
             self._pm.unregister(name=name)
             if not bad:  # the culprit was registered on pluggy_manager directly: name it
                 self.check_pending()
-            hooks = ", ".join(f"{h!r}{_hook_suggestion(h)}" for h in bad)
+            hooks = ", ".join(f"{h!r}{hook_suggestion(h)}" for h in bad)
             raise _Rejected("implements an unknown hook", PluginError(
                 f"{hooks} is not a moa hook; valid hooks: {format_choices(HOOK_KINDS)}")) from exc
         provided: dict[str, list] = {}
@@ -293,14 +270,6 @@ class MoaPluginManager:
                     raise
             provided[kind] = recs
         return provided
-
-    def _unknown_hooks(self, plugin: Any) -> list[str]:
-        return sorted({
-            caller.name
-            for caller in self._pm.get_hookcallers(plugin) or []
-            if not caller.has_spec()
-            and any(i.plugin is plugin and not i.optionalhook for i in caller.get_hookimpls())
-        })
 
     def _check_conflicts(self, info: PluginInfo, provided: dict[str, list]) -> None:
         for kind, recs in provided.items():
@@ -335,7 +304,7 @@ class MoaPluginManager:
             step = f"This is a bug in moa; {DISABLE_ENV}={info.name} runs moa without it."
         else:
             step = "Fix the plugin object passed to register()."
-        message = f"Skipping moa {info.describe()}: it {rej.what}: {error}. {step}"
+        message = f"moa {info.describe()} is not loaded: it {rej.what}: {error}. {step}"
         if strict:
             raise PluginError(message) from rej.cause
         self._infos[info.name] = PluginInfo(info.name, info.distribution, info.version,
@@ -354,9 +323,9 @@ class MoaPluginManager:
         try:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            bad = self._unknown_hooks(exc.plugin) or ["?"]
+            bad = unknown_hooks(self._pm, exc.plugin) or ["?"]
             name = self._pm.get_name(exc.plugin)
-            hooks = ", ".join(f"{h!r}{_hook_suggestion(h)}" for h in bad)
+            hooks = ", ".join(f"{h!r}{hook_suggestion(h)}" for h in bad)
             raise PluginError(
                 f"moa plugin {name!r} implements {hooks}, which is not a moa hook. Valid hooks: "
                 f"{format_choices(HOOK_KINDS)}. Rename the function (or set the hookimpl's "
@@ -367,7 +336,7 @@ class MoaPluginManager:
         return list(self._infos.values())
 
     def specs(self, kind: str) -> dict[str, Any]:
-        """Name -> record of one kind (``"adapter_types"``, ``"routers"``, ``"merge_strategies"``)."""
+        """Name -> record of one kind: ``adapter_types``, ``routers`` or ``merge_strategies``."""
         if kind not in self._records:
             raise UnknownPluginError(f"Unknown plugin kind {kind!r}. Choices: "
                                      f"{format_choices(self._records)}.")

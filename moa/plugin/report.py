@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -61,6 +63,31 @@ class PluginInfo:
             dist = self.distribution or "unknown distribution"
             where = f"distribution {dist} {self.version or ''}".rstrip()
         return f"plugin {self.name!r} ({where})"
+
+
+def moa_version() -> str | None:
+    """moa's version: ``moa.__version__``, else the installed metadata, else ``None``."""
+    try:
+        version = getattr(importlib.import_module("moa"), "__version__", None)
+    except Exception:  # noqa: BLE001 - a half-written moa/__init__ must not break listing
+        version = None
+    if version:
+        return str(version)
+    try:
+        return importlib.metadata.version("moa")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
+    """``(distribution name, version)`` that declares entry point ``ep`` (``None`` s if unknown)."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    try:
+        return dist.metadata["Name"] or None, dist.version or None
+    except Exception:  # noqa: BLE001 - malformed METADATA: still load and name the plugin
+        return None, None
 
 
 def format_provides(provides: Mapping[str, Sequence[str]]) -> str:
@@ -137,5 +164,5 @@ def render_plugins_table(infos: Sequence[PluginInfo]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["KIND_LABELS", "PluginInfo", "PluginSource", "PluginStatus", "format_provides",
-           "render_plugins_table"]
+__all__ = ["KIND_LABELS", "PluginInfo", "PluginSource", "PluginStatus", "distribution_of",
+           "format_provides", "moa_version", "render_plugins_table"]

@@ -1,11 +1,45 @@
-"""Checks on what plugins return from their hooks (shape and types, not behaviour)."""
+"""Checks on plugins: the hooks they implement and the records those hooks return."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
+
+import pluggy
 
 from moa.errors import PluginError
 from moa.plugin.records import RECORD_TYPES, AdapterTypeSpec, MergeStrategySpec, RouterSpec
+
+#: Hook name -> kind key (as in :attr:`PluginInfo.provides` and :meth:`MoaPluginManager.specs`).
+HOOK_KINDS: dict[str, str] = {
+    "moa_adapter_types": "adapter_types",
+    "moa_routers": "routers",
+    "moa_merge_strategies": "merge_strategies",
+}
+
+
+def hook_suggestion(name: str) -> str:
+    """``" (did you mean 'moa_routers'?)"`` for a near-miss hook name, else ``""``."""
+    close = difflib.get_close_matches(name, list(HOOK_KINDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_hooks(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
+    """Names of ``plugin``'s non-optional hook implementations that match no hook spec.
+
+    Args:
+        pm: The pluggy manager ``plugin`` is registered with.
+        plugin: A registered plugin object.
+
+    Returns:
+        Sorted hook names, e.g. ``["moa_router"]``; empty when every hook is known.
+    """
+    return sorted({
+        caller.name
+        for caller in pm.get_hookcallers(plugin) or []
+        if not caller.has_spec()
+        and any(i.plugin is plugin and not i.optionalhook for i in caller.get_hookimpls())
+    })
 
 
 def check_records(hook_name: str, result: Any) -> list[Any]:
@@ -63,4 +97,4 @@ def record_problem(rec: Any) -> str | None:
     return None
 
 
-__all__ = ["check_records", "record_problem"]
+__all__ = ["HOOK_KINDS", "check_records", "hook_suggestion", "record_problem", "unknown_hooks"]

@@ -1,10 +1,11 @@
-"""Built-ins register through the same hooks, exactly once, whether or not moa's entry points exist."""
+"""Built-ins register through the same hooks, exactly once, with or without moa's entry points."""
 
 from __future__ import annotations
 
 import pytest
 
 from moa.default_plugins import BUILTIN_PLUGINS
+from moa.errors import UnknownPluginError
 from moa.plugin import (
     MoaPluginManager,
     adapter_type_for_peft_type,
@@ -17,7 +18,6 @@ from moa.plugin import (
     list_plugins,
     reset_plugin_manager,
 )
-from moa.errors import UnknownPluginError
 
 
 def _builtin_infos(pm: MoaPluginManager):

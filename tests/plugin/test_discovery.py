@@ -32,7 +32,8 @@ def test_entry_point_plugin_is_discovered_with_its_distribution(
 
 
 def test_entry_point_with_attribute_target(make_dist, fresh_manager, router_source):
-    source = router_source("attr_router") + "\n\nclass Holder:\n    moa_routers = staticmethod(moa_routers)\n"
+    source = router_source("attr_router") + (
+        "\n\nclass Holder:\n    moa_routers = staticmethod(moa_routers)\n")
     make_dist("attrplug", "0.3", {"attr": "attrplug_mod:Holder"}, {"attrplug_mod": source})
 
     pm = fresh_manager()

@@ -153,7 +153,7 @@ def test_plugin_failing_pluggy_validation_is_skipped(make_dist, fresh_manager, w
     pm = fresh_manager()
 
     (message,) = warning_log.plugin("'args'")
-    assert "failed pluggy validation on register" in message
+    assert "was rejected by pluggy on register" in message
     assert "PluginValidationError" in message and "config" in message
     assert not pm.pluggy_manager.has_plugin("args")
 
@@ -192,3 +192,17 @@ def test_plugin_looking_up_plugins_at_import_gets_a_clear_error(make_dist, warni
 
     (message,) = warning_log.plugin("'eager'")
     assert "while it was being imported" in message
+
+
+def test_plugin_without_any_hookimpl_is_skipped_with_a_hint(make_dist, fresh_manager,
+                                                            warning_log):
+    source = "from moa.plugin.records import RouterSpec\n\ndef moa_routers():\n    return []\n"
+    make_dist("nohookplug", "0.1", {"nohook": "nohookplug_mod"}, {"nohookplug_mod": source})
+
+    pm = fresh_manager()
+
+    (message,) = warning_log.plugin("'nohook'")
+    assert "implements no moa hook" in message
+    assert "moa_routers lack the @hookimpl decorator" in message
+    assert {i.name: i.status for i in pm.list_plugins()}["nohook"] == "failed"
+    assert not pm.pluggy_manager.has_plugin("nohook")

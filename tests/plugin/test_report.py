@@ -47,8 +47,8 @@ def test_empty_table_and_provides_formatting():
 
 
 def test_describe_names_the_distribution():
-    assert PluginInfo("example", "moa-plugin-example", "0.1.0", "entry point", "loaded").describe() \
-        == "plugin 'example' (distribution moa-plugin-example 0.1.0)"
+    example = PluginInfo("example", "moa-plugin-example", "0.1.0", "entry point", "loaded")
+    assert example.describe() == "plugin 'example' (distribution moa-plugin-example 0.1.0)"
     assert PluginInfo("lora", "moa", "0.1.0", "builtin", "loaded").describe() \
         == "plugin 'lora' (built into moa 0.1.0)"
     assert PluginInfo("mine", None, None, "registered", "loaded").describe() \

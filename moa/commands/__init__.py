@@ -1,0 +1,10 @@
+"""Sub-commands of the ``moa`` CLI, one module per concern.
+
+Each module defines ``register(subparsers) -> None``, which adds its parsers and sets
+``func`` (a function ``(argparse.Namespace) -> int``) as the default of each. Add a new
+module to :data:`COMMAND_MODULES` to expose it.
+"""
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "moa.commands.core",
+)

@@ -1,0 +1,504 @@
+"""Loading the shared base model: dense or NF4 (bitsandbytes), plus its fingerprint.
+
+``load_base`` returns a frozen, eval-mode ``transformers`` causal LM and its tokenizer.
+With ``quantization="nf4"`` every ``nn.Linear`` except ``lm_head`` becomes a bitsandbytes
+``Linear4bit`` (NF4, double quantization), as transformers/QLoRA do. This works on CUDA
+and on the CPU (bitsandbytes >= 0.48 runs NF4 on the CPU).
+
+How NF4 is done: first through transformers' ``BitsAndBytesConfig`` (what PEFT expects;
+it needs ``accelerate``); if transformers refuses, the dense model is loaded and its
+``nn.Linear`` modules are replaced by ``Linear4bit`` directly (:func:`quantize_nf4_`).
+
+CPU note: on CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight at its first
+eval/no-grad forward into a bf16 "packed" layout whose kernel has no autograd: after that,
+training through the layer silently yields no input gradient. It is also slower than the
+float32 dequantize+matmul path for batched prefill. ``load_base`` therefore turns the packed
+path off; :func:`set_cpu_packed_nf4` turns it back on for faster single-token decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from moa.errors import BaseModelError, MissingDependencyError, MoaError, TargetModuleError
+from moa.model.default_base import DEFAULT_BASE_ID, default_base_dir, default_base_path, moa_home
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_CHOICES: tuple[str | None, ...] = ("nf4", None)
+"""Values ``load_base`` accepts for ``quantization``."""
+
+FINGERPRINT_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+_WRAPPED_CHILD = "base_layer"  # PEFT's (and moa's) name for the wrapped original module
+_PEFT_PREFIX = "base_model.model."
+
+
+class UnsupportedQuantizationError(MoaError, ValueError):
+    """A ``quantization`` value that moa cannot load a base model with."""
+
+
+# --- resolving and loading ---------------------------------------------------------------
+
+
+def resolve_base(base: str | os.PathLike[str]) -> str:
+    """Turn a ``base`` argument into something ``from_pretrained`` can load.
+
+    Args:
+        base: ``"default"`` (the embedded SmolLM2-135M-Instruct), a local model folder,
+            or a Hugging Face Hub id already in the local HF cache.
+
+    Returns:
+        A local folder path, or the Hub id unchanged.
+
+    Raises:
+        BaseModelError: ``base`` looks like a path (or is a ``PathLike``) but is not a folder.
+    """
+    if isinstance(base, str) and base == "default":
+        return str(default_base_path())
+    path = Path(os.fspath(base)).expanduser()
+    if path.is_dir():
+        return str(path)
+    text = os.fspath(base)
+    looks_like_path = (
+        not isinstance(base, str)
+        or path.exists()
+        or text.startswith((".", "/", "~", "\\"))
+        or text.count("/") > 1
+        or "\\" in text
+        or not text.strip()
+    )
+    if looks_like_path:
+        raise BaseModelError(
+            f"Base model {text!r} is not an existing local folder"
+            f"{' (it is a file)' if path.is_file() else ''}. Pass base='default' for the embedded "
+            "SmolLM2-135M-Instruct, a folder with config.json + model weights + tokenizer, "
+            "or a Hub id (org/name) already in the local Hugging Face cache."
+        )
+    return text
+
+
+def load_base(
+    base: str | os.PathLike[str] = "default",
+    quantization: str | None = "nf4",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen base causal LM and its tokenizer, dense or NF4-quantized.
+
+    Args:
+        base: ``"default"``, a local model folder, or a Hub id in the local HF cache
+            (moa never downloads base weights).
+        quantization: ``"nf4"`` (bitsandbytes 4-bit NF4 with double quantization for every
+            ``nn.Linear`` except ``lm_head``) or ``None`` (dense).
+        device: Where to put the model; default CUDA if available, else CPU.
+        dtype: Dtype of the dense parameters and NF4 compute dtype; default float32 on
+            CPU and bfloat16 on CUDA.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode, every parameter has
+        ``requires_grad=False`` and ``config.use_cache`` is True.
+
+    Raises:
+        UnsupportedQuantizationError: ``quantization`` is not one of ``QUANTIZATION_CHOICES``.
+        BaseModelError: The base cannot be found or loaded.
+        MissingDependencyError: ``bitsandbytes`` (for NF4) or the default base's packages
+            are missing.
+
+    Example:
+        >>> model, tok = load_base("default", quantization="nf4", device="cpu")  # doctest: +SKIP
+    """
+    quant = _normalise_quantization(quantization)
+    dev = _resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    path = resolve_base(base)
+    extra: dict[str, Any] = {} if Path(path).is_dir() else {"local_files_only": True}
+    start = time.perf_counter()
+    tokenizer = _load_tokenizer(path, base, extra)
+    if quant is None:
+        model = _from_pretrained(path, base, dtype=dtype, **extra).to(dev)
+    else:
+        model = _load_nf4(path, base, dev, dtype, extra)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = True
+    if quant is not None:
+        set_cpu_packed_nf4(model, False)
+    logger.info(
+        "Loaded base %s (%s, %s, %s) in %.2f s.", path, quant or "dense", dev, dtype, time.perf_counter() - start
+    )
+    return model, tokenizer
+
+
+def _normalise_quantization(quantization: object) -> str | None:
+    if quantization is None:
+        return None
+    if isinstance(quantization, str) and quantization.strip().lower() in ("nf4", "none"):
+        value = quantization.strip().lower()
+        return None if value == "none" else value
+    raise UnsupportedQuantizationError(
+        f"Unknown quantization {quantization!r}. Choices: 'nf4' (bitsandbytes 4-bit NF4) or None "
+        "(dense). Pass quantization='nf4' or quantization=None."
+    )
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BaseModelError(f"Unknown device {device!r}. Use 'cpu', 'cuda' or 'cuda:N'.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BaseModelError(f"Device {device!r} asked for, but CUDA is not available here. Use device='cpu'.")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _not_loadable(base: object, path: str, what: str, exc: BaseException) -> BaseModelError:
+    if Path(path).is_dir():
+        return BaseModelError(
+            f"Could not load the {what} of base model {os.fspath(base)!r} from the local folder {path!r}: "
+            f"{type(exc).__name__}: {exc}. The folder needs config.json, model weights (safetensors) "
+            "and tokenizer files as written by save_pretrained; or pass base='default'."
+        )
+    return BaseModelError(
+        f"Base model {path!r} is neither an existing local folder nor a Hub id in the local Hugging Face "
+        f"cache ({what} failed: {type(exc).__name__}). moa never downloads base weights. Pass "
+        f"base='default' for the embedded SmolLM2-135M-Instruct, a local folder, or fetch it first "
+        f"with: huggingface-cli download {path}"
+    )
+
+
+def _load_tokenizer(path: str, base: object, extra: dict[str, Any]) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_loadable(base, path, "tokenizer", exc) from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _from_pretrained(path: str, base: object, **kwargs: Any) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _not_loadable(base, path, "model", exc) from exc
+
+
+def _load_nf4(
+    path: str, base: object, dev: torch.device, dtype: torch.dtype, extra: dict[str, Any]
+) -> PreTrainedModel:
+    """NF4 via transformers' BitsAndBytesConfig; on refusal, quantize the dense model directly."""
+    import_bitsandbytes()
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=config, dtype=dtype, device_map={"": str(dev)}, **extra
+        )
+    except OSError as exc:
+        raise _not_loadable(base, path, "model", exc) from exc
+    except Exception as exc:  # noqa: BLE001 - any refusal falls back to direct quantization
+        logger.info(
+            "transformers did not load %s in NF4 (%s: %s); quantizing its Linear layers with bitsandbytes directly.",
+            path, type(exc).__name__, exc,
+        )
+    model = _from_pretrained(path, base, dtype=dtype, **extra).to(dev)
+    quantize_nf4_(model, compute_dtype=dtype, device=dev)
+    return model
+
+
+# --- bitsandbytes ------------------------------------------------------------------------
+
+
+class _DropKernelsHubHint(logging.Filter):
+    """Demote bitsandbytes' import-time hint about the optional 'kernels' package to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "kernels-community" in str(record.msg):
+            logger.debug("bitsandbytes: %s", record.getMessage())
+            return False
+        return True
+
+
+def import_bitsandbytes() -> ModuleType:
+    """Import bitsandbytes, or raise :class:`MissingDependencyError` with the install command."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    hint_filter = _DropKernelsHubHint()
+    ops_logger.addFilter(hint_filter)
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"NF4 quantization needs the package 'bitsandbytes', which did not import ({exc}). "
+            "Install it with: pip install bitsandbytes  (or load the base with quantization=None)."
+        ) from exc
+    finally:
+        ops_logger.removeFilter(hint_filter)
+    return bitsandbytes
+
+
+def quantize_nf4_(
+    model: nn.Module,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    skip_modules: tuple[str, ...] = ("lm_head",),
+) -> int:
+    """Replace every plain ``nn.Linear`` in ``model`` by an NF4 ``bnb.nn.Linear4bit``, in place.
+
+    Same result as transformers' ``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``.
+
+    Args:
+        model: The dense model (it is moved to ``device`` first).
+        compute_dtype: Dtype the 4-bit layers compute in.
+        device: Where the quantized weights live (quantization happens there).
+        skip_modules: Module names (last component or full dotted name) left dense.
+
+    Returns:
+        The number of layers quantized.
+    """
+    bnb = import_bitsandbytes()
+    dev = torch.device(device)
+    model.to(dev)
+    count = 0
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is not nn.Linear or child_name in skip_modules or full_name in skip_modules:
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
+            )
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            layer = layer.to(dev)  # Params4bit quantizes on its first .to(device)
+            layer.requires_grad_(False)
+            setattr(parent, child_name, layer)
+            count += 1
+    logger.debug("Quantized %d Linear layers to NF4 on %s.", count, dev)
+    return count
+
+
+def set_cpu_packed_nf4(model: nn.Module, enabled: bool) -> int:
+    """Switch bitsandbytes' CPU "packed" bf16 NF4 kernel on or off for every ``Linear4bit``.
+
+    On: faster single-token decoding on CPUs with AVX512-BF16 (a no-op elsewhere), bf16
+    accuracy, and no input gradient through the layer once packed. Off (``load_base``'s
+    choice): float32 dequantize+matmul, faster for batches, gradients flow. Turning it off
+    also unpacks weights already packed by an earlier forward.
+
+    Args:
+        model: Any module containing ``Linear4bit`` layers.
+        enabled: Whether the packed kernel may be used.
+
+    Returns:
+        The number of ``Linear4bit`` layers visited.
+    """
+    if "bitsandbytes" not in sys.modules:
+        return 0
+    bnb = sys.modules["bitsandbytes"]
+    functional = bnb.functional
+    supported = bool(getattr(functional, "has_avx512bf16", lambda: False)())
+    count = 0
+    for module in model.modules():
+        if not is_quantized_linear(module) or not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = supported and enabled
+        weight = module.weight
+        state = getattr(weight, "quant_state", None)
+        if not enabled and getattr(state, "packing_format_for_cpu", False):
+            unpack = functional._convert_weight_packed_for_cpu_inverse  # the inverse bnb uses itself
+            weight.data, weight.quant_state = unpack(weight.data, state)
+            module.quant_state = weight.quant_state
+        count += 1
+    return count
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Tell whether ``module`` is a bitsandbytes 4-bit linear layer (without importing bnb)."""
+    bnb = sys.modules.get("bitsandbytes")
+    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    return linear4bit is not None and isinstance(module, linear4bit)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """Return ``(in_features, out_features)`` of an ``nn.Linear`` or ``Linear4bit``.
+
+    A wrapper holding the layer as ``base_layer`` (PEFT/moa style) is looked through.
+
+    Raises:
+        TargetModuleError: ``module`` is not a linear layer.
+    """
+    if isinstance(module, nn.Linear):  # Linear4bit subclasses nn.Linear, keeps logical sizes
+        return int(module.in_features), int(module.out_features)
+    inner = getattr(module, _WRAPPED_CHILD, None)
+    if isinstance(inner, nn.Module):
+        return linear_features(inner)
+    raise TargetModuleError(
+        f"Module of type {type(module).__name__} is not a linear layer; moa adapts nn.Linear and "
+        "bitsandbytes Linear4bit. Check target_modules (print the model to see its Linear names)."
+    )
+
+
+# --- fingerprint and description ---------------------------------------------------------
+
+
+def _logical_shape(param: torch.Tensor) -> list[int]:
+    state = getattr(param, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return [int(s) for s in (shape if shape is not None else param.shape)]
+
+
+def _base_parameters(model: nn.Module) -> list[tuple[str, list[int]]]:
+    """(normalised name, logical shape) of the base's own parameters, sorted.
+
+    ``.base_layer`` components are dropped, so wrapping a Linear keeps its name; the other
+    parameters of such a wrapper (adapter weights) are not part of the base and are skipped.
+    """
+    wrappers = [name for name, mod in model.named_modules() if isinstance(getattr(mod, _WRAPPED_CHILD, None), nn.Module)]
+    own_prefixes = tuple(f"{w}." if w else "" for w in wrappers)
+    kept_prefixes = tuple(f"{p}{_WRAPPED_CHILD}." for p in own_prefixes)
+    items = []
+    for name, param in model.named_parameters():
+        if any(name.startswith(p) for p in own_prefixes) and not any(name.startswith(k) for k in kept_prefixes):
+            continue
+        if name.startswith(_PEFT_PREFIX):
+            name = name[len(_PEFT_PREFIX):]
+        clean = ".".join(part for part in name.split(".") if part != _WRAPPED_CHILD)
+        items.append((clean, _logical_shape(param)))
+    return sorted(items)
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A stable 24-hex-digit digest identifying a base model's architecture and tensors.
+
+    Covers the key config sizes and every parameter's name and *logical* shape (NF4
+    weights count with their unpacked shape), so the dense and NF4 loads of one base agree,
+    dtype does not matter, and wrapping Linear layers (``x.base_layer``) changes nothing.
+
+    Args:
+        model: A transformers model (possibly with wrapped Linear layers).
+
+    Returns:
+        Lowercase hex string of length 24.
+    """
+    config = _text_config(model)
+    payload = {
+        "config": {key: getattr(config, key, None) for key in FINGERPRINT_CONFIG_KEYS},
+        "parameters": _base_parameters(model),
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def detect_quantization(model: nn.Module) -> str | None:
+    """Return ``"nf4"`` (or ``"fp4"``) if ``model`` holds bnb 4-bit layers, else ``None``."""
+    for module in model.modules():
+        if is_quantized_linear(module):
+            return str(getattr(module.weight, "quant_type", "nf4"))
+    return None
+
+
+def describe_base(model: nn.Module) -> dict[str, Any]:
+    """Describe a base model for adapter metadata (JSON-serialisable).
+
+    Returns:
+        ``model_id`` (the Hub id for the default base, else ``config._name_or_path``),
+        ``name_or_path``, ``model_type``, ``hidden_size``, ``num_hidden_layers``,
+        ``vocab_size``, ``quantization`` (``"nf4"`` or ``None``) and ``fingerprint``.
+    """
+    config = _text_config(model)
+    name_or_path = str(getattr(model.config, "_name_or_path", "") or "")
+    model_id = name_or_path
+    if name_or_path and _same_path(name_or_path, default_base_dir()):
+        model_id = DEFAULT_BASE_ID
+    return {
+        "model_id": model_id,
+        "name_or_path": name_or_path,
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "quantization": detect_quantization(model),
+        "fingerprint": base_fingerprint(model),
+    }
+
+
+def _same_path(a: str, b: Path) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == b.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+__all__ = [
+    "QUANTIZATION_CHOICES",
+    "UnsupportedQuantizationError",
+    "base_fingerprint",
+    "default_base_path",
+    "describe_base",
+    "detect_quantization",
+    "import_bitsandbytes",
+    "is_quantized_linear",
+    "linear_features",
+    "load_base",
+    "moa_home",
+    "quantize_nf4_",
+    "resolve_base",
+    "set_cpu_packed_nf4",
+]
