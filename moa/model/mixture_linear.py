@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,12 @@ from moa.kernels.metadata import LoraStack, RoutingMetadata
 from moa.model.targets import linear_features
 
 
+def layer_index_of(module_name: str) -> int | None:
+    """Decoder layer index in a module name (``model.layers.3.mlp.up_proj`` -> 3), if any."""
+    match = re.search(r"\.(\d+)\.", f".{module_name}.")
+    return int(match.group(1)) if match else None
+
+
 @dataclass
 class RoutingState:
     """State shared by every MixtureLinear of one model (never recomputed per layer).
@@ -24,12 +31,15 @@ class RoutingState:
             rebuild their :class:`LoraStack`.
         metadata: the current forward's tokens grouped by adapter, or ``None`` (base only).
         enabled: ``False`` inside ``model.disable_adapters()``.
+        first_layer: adapters apply only from this decoder layer on (a router that
+            decides from the hidden states of layer L leaves layers < L to the base).
     """
 
     adapter_names: list[str] = field(default_factory=list)
     layout_version: int = 0
     metadata: RoutingMetadata | None = None
     enabled: bool = True
+    first_layer: int = 0
 
 
 class MixtureLinear(nn.Module):
@@ -53,6 +63,7 @@ class MixtureLinear(nn.Module):
         self.in_features, self.out_features = linear_features(base_layer)
         self.adapters = nn.ModuleDict()
         self._state = state
+        self.layer_index = layer_index_of(module_name)
         self._stack: LoraStack | None = None
         self._stack_version = -1
         self._generic: dict[int, AdapterLayer] = {}
@@ -97,6 +108,8 @@ class MixtureLinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         meta = self._state.metadata
         if meta is None or not self._state.enabled or meta.num_pairs == 0 or len(self.adapters) == 0:
+            return out
+        if self.layer_index is not None and self.layer_index < self._state.first_layer:
             return out
         stack = self.stack()
         low_rank_active = [s for s in meta.active_adapters if stack.lora_a[s] is not None]

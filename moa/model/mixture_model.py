@@ -20,12 +20,12 @@ from moa.errors import (
     UnknownAdapterError,
     format_choices,
 )
-from moa.kernels.metadata import build_metadata
 from moa.model import adapter_io
 from moa.model.mixture_linear import MixtureLinear, RoutingState
+from moa.model.routing_controller import Pinned, RoutingController
 from moa.model.targets import linear_features, resolve_target_modules
 from moa.routing.decision import Mixture, RoutingDecision
-from moa.routing.router import Router, RoutingRequest
+from moa.routing.router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ class MixtureModel(nn.Module):
         self.active_adapters: list[str] = []
         self._state = RoutingState()
         self._router: Router | None = None
-        self._pinned: list[RoutingDecision | None] = []
-        base_model.register_forward_pre_hook(self._build_routing_metadata, with_kwargs=True)
+        self._routing = RoutingController(self)
 
     @classmethod
     def from_pretrained(
@@ -210,6 +209,7 @@ class MixtureModel(nn.Module):
                 f"set_router needs a moa.Router instance (or None); got {type(router).__name__}. "
                 f"Get a router class with moa.get_router(name) and instantiate it."
             )
+        self._routing.router_changed(router)
         self._router = router
 
     def route(self, prompts: Sequence[str] | torch.Tensor) -> list[dict[str, float]]:
@@ -223,7 +223,14 @@ class MixtureModel(nn.Module):
             texts = list(prompts)
             encoded = self._tokenize(texts)
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        decision = self._route(input_ids, attention_mask, texts)
+        router = self._router
+        hidden = None
+        if router.hidden_layer is not None:
+            hidden = self._routing.hidden_states_at(router.hidden_layer, input_ids, attention_mask)
+        decision = self._routing.decide(
+            router, int(input_ids.shape[0]), input_ids=input_ids, hidden_states=hidden,
+            attention_mask=attention_mask, texts=texts,
+        )
         if decision.level == "token":
             return _token_decision_per_row(decision, input_ids.shape, self.adapter_names)
         return decision.to_mixtures(self.adapter_names)
@@ -250,8 +257,8 @@ class MixtureModel(nn.Module):
         Without ``adapter_names``/``adapter_weights`` the router decides (if set), else
         the adapters given to :meth:`set_adapter`.
         """
-        decision = self.resolve_routing(input_ids, attention_mask, adapter_names, adapter_weights, kwargs)
-        with self._pin(decision):
+        pinned = self._pinned_routing(input_ids, attention_mask, adapter_names, adapter_weights, kwargs)
+        with self._routing.pin(pinned):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(
@@ -268,8 +275,8 @@ class MixtureModel(nn.Module):
         The routing decision of each row is made once from the prompt and reused for
         every generated token (rows expanded for beams keep their row's decision).
         """
-        decision = self.resolve_routing(input_ids, attention_mask, adapter_names, adapter_weights, kwargs)
-        with self._pin(decision):
+        pinned = self._pinned_routing(input_ids, attention_mask, adapter_names, adapter_weights, kwargs)
+        with self._routing.pin(pinned):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def resolve_routing(
@@ -298,8 +305,32 @@ class MixtureModel(nn.Module):
             _check_rows("adapter_weights", len(rows), batch)
             return RoutingDecision.from_mixtures(rows, self.adapter_names)
         if self._router is not None and input_ids is not None:
-            return self._route(input_ids, attention_mask, None)
+            if self._router.hidden_layer is not None:
+                raise RoutingError(
+                    f"Router {self._router!r} decides from hidden states inside the forward; "
+                    f"call the model (or model.route) rather than resolve_routing."
+                )
+            return self._routing.decide(
+                self._router, batch, input_ids=input_ids, attention_mask=attention_mask
+            )
         return self._active_decision(batch)
+
+    def _pinned_routing(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        adapter_names: Sequence[str | None] | None,
+        adapter_weights: Sequence[Mixture] | Mapping[str, float] | None,
+        model_kwargs: Mapping[str, Any],
+    ) -> Pinned:
+        explicit = adapter_names is not None or adapter_weights is not None
+        router = self._router
+        if not explicit and router is not None and router.hidden_layer is not None:
+            _batch_size(input_ids, model_kwargs)
+            return Pinned(decision=None, router=router, attention_mask=attention_mask,
+                          first_layer=router.hidden_layer)
+        decision = self.resolve_routing(input_ids, attention_mask, adapter_names, adapter_weights, model_kwargs)
+        return Pinned(decision=decision)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -369,21 +400,6 @@ class MixtureModel(nn.Module):
         mixture = {name: 1.0 for name in self.active_adapters}
         return RoutingDecision.from_mixtures([mixture] * batch, self.adapter_names)
 
-    def _route(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, texts: Sequence[str] | None
-    ) -> RoutingDecision:
-        assert self._router is not None
-        request = RoutingRequest(
-            input_ids=input_ids, adapter_names=self.adapter_names, attention_mask=attention_mask, texts=texts
-        )
-        decision = self._router.route(request)
-        if not isinstance(decision, RoutingDecision):
-            raise RoutingError(
-                f"Router {self._router!r} returned {type(decision).__name__}; route() must return "
-                f"a moa.RoutingDecision (see RoutingDecision.from_mixtures)."
-            )
-        return decision
-
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
             raise RoutingError("This model has no tokenizer; pass token ids instead of text.")
@@ -391,30 +407,6 @@ class MixtureModel(nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         encoded = self.tokenizer(list(texts), return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in encoded.items()}
-
-    @contextlib.contextmanager
-    def _pin(self, decision: RoutingDecision | None) -> Iterator[None]:
-        self._pinned.append(decision)
-        try:
-            yield
-        finally:
-            self._pinned.pop()
-
-    def _build_routing_metadata(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the base: group this forward's tokens by adapter, once."""
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = args[0] if args else kwargs.get("inputs_embeds")
-        if tokens is None:
-            self._state.metadata = None
-            return
-        batch, seq_len = int(tokens.shape[0]), int(tokens.shape[1])
-        decision = self._pinned[-1] if self._pinned else self._active_decision(batch)
-        if decision is None or not self._state.enabled:
-            self._state.metadata = None
-            return
-        ids, weights = decision.to(tokens.device).for_tokens(batch, seq_len)
-        self._state.metadata = build_metadata(ids, weights, len(self._state.adapter_names))
 
 
 def _batch_size(input_ids: torch.Tensor | None, model_kwargs: Mapping[str, Any]) -> int:

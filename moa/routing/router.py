@@ -21,8 +21,8 @@ class RoutingRequest:
         adapter_names: The model's loaded adapters, in slot order (ids index this).
         attention_mask: ``[B, S]`` or ``None``.
         texts: The prompts as text when the caller had them (``model.route``), else ``None``.
-        hidden_states: Optional ``[B, S, H]`` hidden states of the base (no adapter), for
-            routers that declare ``needs_hidden_states``.
+        hidden_states: ``[B, S, H]`` input of decoder layer ``router.hidden_layer``,
+            computed with no adapter, for routers that declare ``hidden_layer``.
         extra: Free-form values a caller passes through to a plugin router.
     """
 
@@ -47,8 +47,12 @@ class Router(abc.ABC):
     name: ClassVar[str] = ""
     #: ``"sequence"`` (decide once per request) or ``"token"``.
     level: ClassVar[Literal["sequence", "token"]] = "sequence"
-    #: Whether :meth:`route` needs ``request.hidden_states`` from the base.
-    needs_hidden_states: ClassVar[bool] = False
+    #: ``None``: the router decides from the tokens, before the forward. ``L`` (int):
+    #: it needs ``request.hidden_states``, the input of decoder layer ``L`` (0 = the token
+    #: embeddings), computed with no adapter *within the same forward*: layers ``< L`` run
+    #: the base alone, the router decides at layer ``L``, and the chosen adapters apply
+    #: from layer ``L`` on (no second pass over the prompt, unlike X-LoRA).
+    hidden_layer: int | None = None
 
     @abc.abstractmethod
     def route(self, request: RoutingRequest) -> RoutingDecision:
