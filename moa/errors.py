@@ -91,11 +91,38 @@ class RoutingError(MoaError, ValueError):
     """A routing request that cannot be honoured (bad names, weights or shapes)."""
 
 
+# --- the Hub, manifests and the registry ------------------------------------------------
+
+
+class HubError(MoaError, OSError):
+    """The Hub (or its local cache) cannot give or take what was asked: repo, revision, network."""
+
+
+class IntegrityError(MoaError, ValueError):
+    """A file whose sha256 (or git blob id) differs from the one it was pinned or listed with."""
+
+
+class UnsafeFileError(MoaError, ValueError):
+    """A file refused before download: unsafe name (absolute, ``..``), pickle format, or too big."""
+
+
+class ManifestError(MoaError, ValueError):
+    """A mixture manifest (``moa_mixture.json``) that is missing, malformed or inconsistent."""
+
+
+class RegistryError(MoaError, ValueError):
+    """A registry entry that does not match its schema, or a name the registry does not list."""
+
+
 # --- base models -------------------------------------------------------------------------
 
 
 class BaseModelError(MoaError, OSError):
     """A base model that cannot be found, converted or loaded."""
+
+
+class UnsupportedQuantizationError(MoaError, ValueError):
+    """A ``quantization`` value that moa cannot load a base model with."""
 
 
 __all__ = [
@@ -107,13 +134,19 @@ __all__ = [
     "BackendUnavailableError",
     "BaseModelError",
     "BaseModelMismatchError",
+    "HubError",
+    "IntegrityError",
+    "ManifestError",
     "MissingDependencyError",
     "MoaError",
     "PluginConflictError",
     "PluginError",
+    "RegistryError",
     "RoutingError",
     "TargetModuleError",
+    "UnsafeFileError",
     "UnknownAdapterError",
     "UnknownPluginError",
+    "UnsupportedQuantizationError",
     "format_choices",
 ]

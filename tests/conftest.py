@@ -33,11 +33,37 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return model.eval()
 
 
+def make_tiny_tokenizer():
+    """A 256-token tokenizer for the tiny base: one token per byte-ish character class.
+
+    Token ids stay below the tiny vocab size; words split on whitespace, unknown words map
+    to ``<unk>``. Enough to exercise text routing, chat prompts and generation.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in (chr(c) for c in range(33, 127)):
+        vocab.setdefault(ch, len(vocab))
+    words = "the a of to and in is it you that what sql code math french medical write compute".split()
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(pattern="", behavior="isolated")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
-    """A tiny random Llama saved as a local base folder (safetensors)."""
+    """A tiny random Llama saved as a local base folder (safetensors + tokenizer)."""
     path = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_llama().save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
     return path
 
 

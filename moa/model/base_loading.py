@@ -1,19 +1,14 @@
-"""Loading the shared base model: dense or NF4 (bitsandbytes), plus its fingerprint.
+"""Loading the shared base model, dense or NF4 (bitsandbytes), and its fingerprint.
 
-``load_base`` returns a frozen, eval-mode ``transformers`` causal LM and its tokenizer.
 With ``quantization="nf4"`` every ``nn.Linear`` except ``lm_head`` becomes a bitsandbytes
-``Linear4bit`` (NF4, double quantization), as transformers/QLoRA do. This works on CUDA
-and on the CPU (bitsandbytes >= 0.48 runs NF4 on the CPU).
+``Linear4bit`` (NF4, double quant), as transformers/QLoRA do, on CUDA or CPU: through
+transformers' ``BitsAndBytesConfig`` (needs ``accelerate``), else by replacing the layers
+directly (:func:`quantize_nf4_`, bit-identical result).
 
-How NF4 is done: first through transformers' ``BitsAndBytesConfig`` (what PEFT expects;
-it needs ``accelerate``); if transformers refuses, the dense model is loaded and its
-``nn.Linear`` modules are replaced by ``Linear4bit`` directly (:func:`quantize_nf4_`).
-
-CPU note: on CPUs with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight at its first
-eval/no-grad forward into a bf16 "packed" layout whose kernel has no autograd: after that,
-training through the layer silently yields no input gradient. It is also slower than the
-float32 dequantize+matmul path for batched prefill. ``load_base`` therefore turns the packed
-path off; :func:`set_cpu_packed_nf4` turns it back on for faster single-token decoding.
+CPU note: on AVX512-BF16 CPUs bitsandbytes repacks a ``Linear4bit`` at its first no-grad
+eval forward into a bf16 layout whose kernel has no autograd (training through it then
+silently gets no input gradient) and which is slower for batched prefill. ``load_base``
+turns that path off; :func:`set_cpu_packed_nf4` turns it on for faster 1-token decoding.
 """
 
 from __future__ import annotations
@@ -31,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from moa.errors import BaseModelError, MissingDependencyError, MoaError, TargetModuleError
+from moa.errors import BaseModelError, MissingDependencyError, UnsupportedQuantizationError
 from moa.model.default_base import DEFAULT_BASE_ID, default_base_dir, default_base_path, moa_home
+from moa.model.targets import is_quantized_linear, linear_features
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,10 +51,6 @@ _WRAPPED_CHILD = "base_layer"  # PEFT's (and moa's) name for the wrapped origina
 _PEFT_PREFIX = "base_model.model."
 
 
-class UnsupportedQuantizationError(MoaError, ValueError):
-    """A ``quantization`` value that moa cannot load a base model with."""
-
-
 # --- resolving and loading ---------------------------------------------------------------
 
 
@@ -70,10 +62,10 @@ def resolve_base(base: str | os.PathLike[str]) -> str:
             or a Hugging Face Hub id already in the local HF cache.
 
     Returns:
-        A local folder path, or the Hub id unchanged.
+        A local folder path, or the Hub id unchanged (it is checked when loading).
 
     Raises:
-        BaseModelError: ``base`` looks like a path (or is a ``PathLike``) but is not a folder.
+        BaseModelError: ``base`` looks like a path (or is a ``PathLike``) but is no folder.
     """
     if isinstance(base, str) and base == "default":
         return str(default_base_path())
@@ -81,15 +73,8 @@ def resolve_base(base: str | os.PathLike[str]) -> str:
     if path.is_dir():
         return str(path)
     text = os.fspath(base)
-    looks_like_path = (
-        not isinstance(base, str)
-        or path.exists()
-        or text.startswith((".", "/", "~", "\\"))
-        or text.count("/") > 1
-        or "\\" in text
-        or not text.strip()
-    )
-    if looks_like_path:
+    is_hub_id = isinstance(base, str) and text.strip() and text.count("/") <= 1 and not path.exists()
+    if not is_hub_id or text.startswith((".", "/", "~")) or "\\" in text:
         raise BaseModelError(
             f"Base model {text!r} is not an existing local folder"
             f"{' (it is a file)' if path.is_file() else ''}. Pass base='default' for the embedded "
@@ -125,9 +110,6 @@ def load_base(
         BaseModelError: The base cannot be found or loaded.
         MissingDependencyError: ``bitsandbytes`` (for NF4) or the default base's packages
             are missing.
-
-    Example:
-        >>> model, tok = load_base("default", quantization="nf4", device="cpu")  # doctest: +SKIP
     """
     quant = _normalise_quantization(quantization)
     dev = _resolve_device(device)
@@ -145,9 +127,8 @@ def load_base(
     model.config.use_cache = True
     if quant is not None:
         set_cpu_packed_nf4(model, False)
-    logger.info(
-        "Loaded base %s (%s, %s, %s) in %.2f s.", path, quant or "dense", dev, dtype, time.perf_counter() - start
-    )
+    elapsed = time.perf_counter() - start
+    logger.info("Loaded base %s (%s, %s, %s) in %.2f s.", path, quant or "dense", dev, dtype, elapsed)
     return model, tokenizer
 
 
@@ -170,12 +151,9 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise BaseModelError(f"Unknown device {device!r}. Use 'cpu', 'cuda' or 'cuda:N'.") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BaseModelError(f"Device {device!r} asked for, but CUDA is not available here. Use device='cpu'.")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError(f"Device {device!r} asked for, but CUDA is not available here. Use device='cpu'.")
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
 
 
 def _not_loadable(base: object, path: str, what: str, exc: BaseException) -> BaseModelError:
@@ -222,12 +200,9 @@ def _load_nf4(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8,
+    )  # fmt: skip
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=config, dtype=dtype, device_map={"": str(dev)}, **extra
@@ -249,7 +224,6 @@ def _load_nf4(
 
 class _DropKernelsHubHint(logging.Filter):
     """Demote bitsandbytes' import-time hint about the optional 'kernels' package to DEBUG."""
-
     def filter(self, record: logging.LogRecord) -> bool:
         if "kernels-community" in str(record.msg):
             logger.debug("bitsandbytes: %s", record.getMessage())
@@ -307,21 +281,15 @@ def quantize_nf4_(
             if type(child) is not nn.Linear or child_name in skip_modules or full_name in skip_modules:
                 continue
             layer = bnb.nn.Linear4bit(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                compute_dtype=compute_dtype,
-                compress_statistics=True,
-                quant_type="nf4",
-                device="meta",
-            )
+                child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=compute_dtype,
+                compress_statistics=True, quant_type="nf4", device="meta",
+            )  # fmt: skip
             layer.weight = bnb.nn.Params4bit(
                 child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
             )
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            layer = layer.to(dev)  # Params4bit quantizes on its first .to(device)
-            layer.requires_grad_(False)
+            layer = layer.to(dev).requires_grad_(False)  # Params4bit quantizes on its first .to(device)
             setattr(parent, child_name, layer)
             count += 1
     logger.debug("Quantized %d Linear layers to NF4 on %s.", count, dev)
@@ -331,10 +299,9 @@ def quantize_nf4_(
 def set_cpu_packed_nf4(model: nn.Module, enabled: bool) -> int:
     """Switch bitsandbytes' CPU "packed" bf16 NF4 kernel on or off for every ``Linear4bit``.
 
-    On: faster single-token decoding on CPUs with AVX512-BF16 (a no-op elsewhere), bf16
-    accuracy, and no input gradient through the layer once packed. Off (``load_base``'s
-    choice): float32 dequantize+matmul, faster for batches, gradients flow. Turning it off
-    also unpacks weights already packed by an earlier forward.
+    On: faster 1-token decoding on AVX512-BF16 CPUs (no-op elsewhere), bf16 accuracy, no input
+    gradient once packed. Off (``load_base``'s choice): float32 dequantize+matmul, faster for
+    batches, gradients flow; already packed weights are unpacked (absmax went through bf16).
 
     Args:
         model: Any module containing ``Linear4bit`` layers.
@@ -345,8 +312,7 @@ def set_cpu_packed_nf4(model: nn.Module, enabled: bool) -> int:
     """
     if "bitsandbytes" not in sys.modules:
         return 0
-    bnb = sys.modules["bitsandbytes"]
-    functional = bnb.functional
+    functional = sys.modules["bitsandbytes"].functional
     supported = bool(getattr(functional, "has_avx512bf16", lambda: False)())
     count = 0
     for module in model.modules():
@@ -363,32 +329,6 @@ def set_cpu_packed_nf4(model: nn.Module, enabled: bool) -> int:
     return count
 
 
-def is_quantized_linear(module: nn.Module) -> bool:
-    """Tell whether ``module`` is a bitsandbytes 4-bit linear layer (without importing bnb)."""
-    bnb = sys.modules.get("bitsandbytes")
-    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
-    return linear4bit is not None and isinstance(module, linear4bit)
-
-
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """Return ``(in_features, out_features)`` of an ``nn.Linear`` or ``Linear4bit``.
-
-    A wrapper holding the layer as ``base_layer`` (PEFT/moa style) is looked through.
-
-    Raises:
-        TargetModuleError: ``module`` is not a linear layer.
-    """
-    if isinstance(module, nn.Linear):  # Linear4bit subclasses nn.Linear, keeps logical sizes
-        return int(module.in_features), int(module.out_features)
-    inner = getattr(module, _WRAPPED_CHILD, None)
-    if isinstance(inner, nn.Module):
-        return linear_features(inner)
-    raise TargetModuleError(
-        f"Module of type {type(module).__name__} is not a linear layer; moa adapts nn.Linear and "
-        "bitsandbytes Linear4bit. Check target_modules (print the model to see its Linear names)."
-    )
-
-
 # --- fingerprint and description ---------------------------------------------------------
 
 
@@ -399,18 +339,14 @@ def _logical_shape(param: torch.Tensor) -> list[int]:
 
 
 def _base_parameters(model: nn.Module) -> list[tuple[str, list[int]]]:
-    """(normalised name, logical shape) of the base's own parameters, sorted.
-
-    ``.base_layer`` components are dropped, so wrapping a Linear keeps its name; the other
-    parameters of such a wrapper (adapter weights) are not part of the base and are skipped.
-    """
+    """Sorted (name, logical shape) of the base's parameters: ``.base_layer`` parts dropped,
+    a wrapper's other (adapter) parameters skipped."""
     wrappers = [name for name, mod in model.named_modules() if isinstance(getattr(mod, _WRAPPED_CHILD, None), nn.Module)]
-    own_prefixes = tuple(f"{w}." if w else "" for w in wrappers)
-    kept_prefixes = tuple(f"{p}{_WRAPPED_CHILD}." for p in own_prefixes)
+    prefixes = [(f"{w}." if w else "", f"{w}.{_WRAPPED_CHILD}." if w else f"{_WRAPPED_CHILD}.") for w in wrappers]
     items = []
     for name, param in model.named_parameters():
-        if any(name.startswith(p) for p in own_prefixes) and not any(name.startswith(k) for k in kept_prefixes):
-            continue
+        if any(name.startswith(own) and not name.startswith(kept) for own, kept in prefixes):
+            continue  # a wrapper's own (adapter) parameter, not part of the base
         if name.startswith(_PEFT_PREFIX):
             name = name[len(_PEFT_PREFIX):]
         clean = ".".join(part for part in name.split(".") if part != _WRAPPED_CHILD)
@@ -435,13 +371,11 @@ def base_fingerprint(model: nn.Module) -> str:
         model: A transformers model (possibly with wrapped Linear layers).
 
     Returns:
-        Lowercase hex string of length 24.
+        A lowercase hex string of length 24.
     """
     config = _text_config(model)
-    payload = {
-        "config": {key: getattr(config, key, None) for key in FINGERPRINT_CONFIG_KEYS},
-        "parameters": _base_parameters(model),
-    }
+    sizes = {key: getattr(config, key, None) for key in FINGERPRINT_CONFIG_KEYS}
+    payload = {"config": sizes, "parameters": _base_parameters(model)}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
 
@@ -464,11 +398,9 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
     """
     config = _text_config(model)
     name_or_path = str(getattr(model.config, "_name_or_path", "") or "")
-    model_id = name_or_path
-    if name_or_path and _same_path(name_or_path, default_base_dir()):
-        model_id = DEFAULT_BASE_ID
+    is_default = bool(name_or_path) and _same_path(name_or_path, default_base_dir())
     return {
-        "model_id": model_id,
+        "model_id": DEFAULT_BASE_ID if is_default else name_or_path,
         "name_or_path": name_or_path,
         "model_type": getattr(config, "model_type", None),
         "hidden_size": getattr(config, "hidden_size", None),
@@ -487,18 +419,7 @@ def _same_path(a: str, b: Path) -> bool:
 
 
 __all__ = [
-    "QUANTIZATION_CHOICES",
-    "UnsupportedQuantizationError",
-    "base_fingerprint",
-    "default_base_path",
-    "describe_base",
-    "detect_quantization",
-    "import_bitsandbytes",
-    "is_quantized_linear",
-    "linear_features",
-    "load_base",
-    "moa_home",
-    "quantize_nf4_",
-    "resolve_base",
-    "set_cpu_packed_nf4",
-]
+    "QUANTIZATION_CHOICES", "UnsupportedQuantizationError", "base_fingerprint", "default_base_path",
+    "describe_base", "detect_quantization", "import_bitsandbytes", "is_quantized_linear", "linear_features",
+    "load_base", "moa_home", "quantize_nf4_", "resolve_base", "set_cpu_packed_nf4",
+]  # fmt: skip

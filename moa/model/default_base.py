@@ -177,6 +177,7 @@ def _convert_locked(gguf_path: Path, target: Path, *, progress: bool) -> None:
     try:
         with tqdm(total=len(_STEPS), desc="moa: converting default base", disable=not progress, unit="step") as bar:
             _write_converted(gguf_path, tmp, bar)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         if target.exists():  # an incomplete earlier folder (no marker): move it out of the way
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, trash / "old")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 
 from torch import nn
@@ -14,8 +15,10 @@ OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes 4-bit linear layer."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
+    """Whether ``module`` is a bitsandbytes 4-bit linear layer (without importing bitsandbytes)."""
+    bnb = sys.modules.get("bitsandbytes")
+    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    return linear4bit is not None and isinstance(module, linear4bit)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -24,8 +27,20 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a dense or bitsandbytes linear layer."""
-    return int(module.in_features), int(module.out_features)
+    """``(in_features, out_features)`` of an ``nn.Linear``, ``Linear4bit`` or a wrapper's ``base_layer``.
+
+    Raises:
+        TargetModuleError: ``module`` is not a linear layer.
+    """
+    if isinstance(module, nn.Linear):  # Linear4bit subclasses nn.Linear, keeps logical sizes
+        return int(module.in_features), int(module.out_features)
+    inner = getattr(module, "base_layer", None)
+    if isinstance(inner, nn.Module):
+        return linear_features(inner)
+    raise TargetModuleError(
+        f"Module of type {type(module).__name__} is not a linear layer; moa adapts nn.Linear and "
+        "bitsandbytes Linear4bit. Check target_modules (print the model to see its Linear names)."
+    )
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -18,7 +18,7 @@ import importlib.metadata
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pluggy
@@ -192,7 +192,7 @@ class MoaPluginManager:
             return False
         if name in self._infos:
             first = self._infos[name]
-            step = (f"Register it under another name: register(plugin, name=...)."
+            step = ("Register it under another name: register(plugin, name=...)."
                     if source == "registered" else
                     f"Uninstall one of them (pip uninstall {dist or first.distribution}).")
             raise PluginConflictError(f"Two moa plugins are named {name!r}: {first.describe()} "
@@ -407,3 +407,60 @@ class MoaPluginManager:
             f"No adapter type reads peft_type {peft_type!r}. Known PEFT types: {choices}. "
             f"Other adapter types (DoRA, IA3, VeRA...) come from plugins: install one that "
             f"provides it, then check 'moa plugins'.")
+
+    def adapter_type_for_config(self, config: Mapping[str, Any]) -> AdapterTypeSpec:
+        """The adapter type that reads this ``adapter_config.json`` dict.
+
+        An adapter type may claim configs by content, not just by ``peft_type``: if its
+        ``config_class`` defines a classmethod ``accepts(config: Mapping) -> bool``, it is
+        asked first, and a type that accepts wins over the plain ``peft_type`` match.
+        That is how a variant shares a PEFT type with another adapter type, e.g. DoRA
+        (``peft_type`` ``"LORA"`` with ``use_dora: true``) next to the built-in LoRA. Such a
+        type usually registers ``peft_type=None``, so it does not conflict with the owner
+        of the PEFT type. When no type accepts, this is
+        :meth:`adapter_type_for_peft_type` of ``config["peft_type"]``.
+
+        Args:
+            config: The parsed ``adapter_config.json``.
+
+        Returns:
+            The one accepting type, else the type registered for the config's ``peft_type``.
+
+        Raises:
+            PluginConflictError: Two adapter types accept the same config.
+            PluginError: An ``accepts`` raised and ``MOA_STRICT_PLUGINS=1`` (otherwise that
+                type is skipped with a warning).
+            UnknownPluginError: No type accepts and none reads its ``peft_type``.
+
+        Example::
+
+            spec = pm.adapter_type_for_config({"peft_type": "LORA", "use_dora": True})
+        """
+        accepting: list[AdapterTypeSpec] = []
+        for spec in self.specs("adapter_types").values():
+            accepts = getattr(spec.config_class, "accepts", None)
+            if not callable(accepts):
+                continue
+            try:
+                claimed = bool(accepts(config))
+            except Exception as exc:  # noqa: BLE001 - a plugin's bug must not break loading
+                owner = self._infos[self._records["adapter_types"][spec.name][1]]
+                message = (f"moa {owner.describe()}: {spec.config_class.__name__}.accepts() "
+                           f"raised {type(exc).__name__}: {exc}; adapter type {spec.name!r} is "
+                           f"skipped for this adapter folder.")
+                if self._strict:
+                    raise PluginError(message) from exc
+                logger.warning("%s", message)
+                warnings.warn(message, MoaPluginWarning, stacklevel=2)
+                continue
+            if claimed:
+                accepting.append(spec)
+        if len(accepting) > 1:
+            owners = [self._infos[self._records["adapter_types"][s.name][1]] for s in accepting]
+            raise self._conflict(
+                f"an adapter config accepted by adapter types "
+                f"{', '.join(repr(s.name) for s in accepting)}", owners[0], owners[1])
+        if accepting:
+            return accepting[0]
+        peft_type = config.get("peft_type")
+        return self.adapter_type_for_peft_type(peft_type)  # type: ignore[arg-type]

@@ -194,3 +194,20 @@ def test_zero_initialised_adapter_is_identity_and_trainable(tiny_model, input_id
     assert grads and all(g is None or torch.isfinite(g).all() for g in grads)
     assert any(g is not None and g.abs().sum() > 0 for n, p in tiny_model.named_parameters() if "lora_B" in n for g in [p.grad])
     assert all(p.grad is None for n, p in tiny_model.named_parameters() if "lora" not in n)
+
+
+def test_mixed_batch_on_nf4_base_equals_rows_alone(tiny_base_dir, input_ids):
+    from moa.model.base_loading import load_base
+
+    base, _ = load_base(tiny_base_dir, quantization="nf4")
+    model = moa.MixtureModel(base)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    add_random_adapters(model)
+    rows = [{"a": 0.5, "b": 0.5}, "c", None, {"a": 0.2, "b": 0.3, "c": 0.5}]
+    mixtures = [r if isinstance(r, dict) or r is None else {r: 1.0} for r in rows]
+    mixed = logits(model, input_ids, adapter_weights=mixtures)
+    for i, mixture in enumerate(mixtures):
+        alone = logits(model, input_ids[i : i + 1], adapter_weights=[mixture])
+        torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    base_rows = logits(model, input_ids, adapter_names=[None] * 4)
+    assert (mixed[[0, 1, 3]] - base_rows[[0, 1, 3]]).abs().max() > 1e-2
