@@ -42,6 +42,12 @@ _EXPORTS: dict[str, str] = {
     "default_base_path": "moa.model.base_loading",
     "load_base": "moa.model.base_loading",
     "MoaError": "moa.errors",
+    "push_adapter": "moa.hub",
+    "pull_adapter": "moa.hub",
+    "push_mixture": "moa.hub",
+    "pull_mixture": "moa.hub",
+    "merge_adapters": "moa.merge",
+    "export_mixture": "moa.merge",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

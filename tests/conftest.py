@@ -9,6 +9,19 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Every Hub call made by the tests goes to 127.0.0.1 on a port free now, never to a real Hub;
+# tests/hub/conftest.py serves the Hub test server (tests/hub/server.py) there.
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_free_local_port()}"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -88,10 +88,30 @@ def write_adapter_folder(
     header = {"format": "pt", **(metadata or {})}
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS_NAME, header)
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, header)
         if moa_metadata:
             (tmp / MOA_METADATA_NAME).write_text(json.dumps(dict(moa_metadata), indent=2, sort_keys=True) + "\n")
     return Path(directory)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Save ``tensors`` with ``metadata``, byte-for-byte reproducibly.
+
+    safetensors writes header metadata in hash-map order, so saving the same weights twice
+    would give different bytes; the header is rewritten with sorted metadata keys (tensor
+    data untouched), so re-saving unchanged weights keeps every pinned sha256.
+    """
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, dict(metadata))
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    canonical = len(text).to_bytes(8, "little") + text + raw[8 + length :]
+    if canonical != raw:
+        path.write_bytes(canonical)
 
 
 def read_adapter_folder(directory: str | os.PathLike) -> AdapterFiles:

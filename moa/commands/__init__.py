@@ -7,4 +7,7 @@ module to :data:`COMMAND_MODULES` to expose it.
 
 COMMAND_MODULES: tuple[str, ...] = (
     "moa.commands.core",
+    "moa.commands.hub",
+    "moa.commands.registry",
+    "moa.commands.merge",
 )

@@ -1,4 +1,4 @@
-"""Built-in plugins: moa's own adapter types and routers, registered through the public hooks.
+"""Built-in plugins: moa's own adapter types, routers and merge strategies, registered through the public hooks.
 
 Each module here is an ordinary plugin module, exactly like a third party's. They are
 also declared as ``[project.entry-points.moa]`` of the ``moa`` distribution; the plugin
@@ -13,6 +13,7 @@ from __future__ import annotations
 BUILTIN_PLUGINS: list[tuple[str, str]] = [
     ("lora", "moa.default_plugins.lora"),
     ("routers", "moa.default_plugins.routers"),
+    ("merge", "moa.default_plugins.merge"),
 ]
 
 __all__ = ["BUILTIN_PLUGINS"]

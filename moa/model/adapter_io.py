@@ -12,7 +12,6 @@ from moa.adapters.base import AdapterConfig, AdapterLayer
 from moa.adapters.peft_format import (
     CONFIG_NAME,
     FINGERPRINT_KEY,
-    MOA_METADATA_NAME,
     WEIGHTS_NAME,
     peft_key,
     read_adapter_folder,
@@ -32,11 +31,14 @@ if TYPE_CHECKING:
     from moa.model.mixture_model import MixtureModel
 
 
-def resolve_adapter_source(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_adapter_source(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, *, max_rank: int | None = None
+) -> Path:
     """A local folder for an adapter given as a folder or a Hub repo id.
 
-    Hub repos come through ``huggingface_hub`` (from the local cache when offline); only
-    the PEFT files are fetched, never pickles.
+    Hub repos come through :func:`moa.hub.pull.pull_adapter` (from the local cache when
+    ``HF_HUB_OFFLINE=1``): safe names, safetensors only, sizes, ranks (``max_rank``) and
+    every file's hash are checked before the folder is returned; pickles are never fetched.
     """
     path = Path(path_or_repo_id)
     if path.is_dir():
@@ -47,21 +49,9 @@ def resolve_adapter_source(path_or_repo_id: str | os.PathLike, revision: str | N
             f"Adapter {text!r} is neither a folder nor a Hub repo id ('owner/name'). Give the "
             f"folder holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a repo id."
         )
-    try:
-        from huggingface_hub import snapshot_download
+    from moa.hub.pull import pull_adapter
 
-        local = snapshot_download(
-            repo_id=text,
-            revision=revision,
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MOA_METADATA_NAME, "README.md"],
-        )
-    except Exception as error:  # the hub client raises many types; all mean "not available"
-        raise AdapterFormatError(
-            f"Could not get adapter repo {text!r} (revision {revision or 'main'}) from the Hub or "
-            f"its local cache: {type(error).__name__}: {error}. Check the repo id, your "
-            f"HF_ENDPOINT / token, or pass a local folder."
-        ) from error
-    return Path(local)
+    return pull_adapter(text, revision=revision, max_rank=max_rank)
 
 
 def read_adapter(
@@ -76,9 +66,9 @@ def read_adapter(
         TargetModuleError: a tensor for a module this base does not have (or not linear).
         AdapterShapeError: a tensor whose shape does not fit its module.
     """
-    from moa.plugin import adapter_type_for_peft_type
+    from moa.plugin import adapter_type_for_config
 
-    files = read_adapter_folder(resolve_adapter_source(path_or_repo_id, revision))
+    files = read_adapter_folder(resolve_adapter_source(path_or_repo_id, revision, max_rank=model.max_rank))
     saved_fingerprint = files.base_fingerprint
     if saved_fingerprint and saved_fingerprint != model.base_fingerprint:
         saved_base = files.moa.get("base", {}).get("name_or_path") or files.config.get("base_model_name_or_path")
@@ -94,7 +84,9 @@ def read_adapter(
             f"{CONFIG_NAME} of {str(path_or_repo_id)!r} has no 'peft_type' (got {peft_type!r}); "
             f"it is not a PEFT adapter config."
         )
-    spec = adapter_type_for_peft_type(peft_type)
+    # A type whose config class accepts() this config (DoRA: LORA + use_dora) wins over
+    # the type registered for its peft_type (see MoaPluginManager.adapter_type_for_config).
+    spec = adapter_type_for_config(files.config)
     config = spec.config_class.from_dict(files.config)
     suffixes = spec.layer_class.peft_suffixes
     by_module: dict[str, dict[str, object]] = defaultdict(dict)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa import kernels
+from moa.kernels.autograd import lora_mixture
 from moa.adapters.base import AdapterLayer
 from moa.kernels.metadata import LoraStack, RoutingMetadata
 from moa.model.targets import linear_features
@@ -130,8 +130,8 @@ class MixtureLinear(nn.Module):
             if self.training:
                 p = max(self.adapters[self._state.adapter_names[s]].dropout_p() for s in low_rank_active)
                 xs = F.dropout(xs, p=p, training=True) if p > 0 else xs
-            h = kernels.lora_shrink(xs, stack, meta)
-            kernels.lora_expand(h, stack, meta, out2)
+            # one shrink + one expand for the whole batch (explicit backward when training)
+            out2 = lora_mixture(xs, stack, meta, out2)
         for slot in generic_active:
             start, end = meta.pairs_of(slot)
             index = meta.token_index[start:end]

@@ -146,6 +146,17 @@ class MixtureModel(nn.Module):
         self._check_known([adapter_name])
         adapter_io.write_adapter(self, adapter_name, directory)
 
+    def push_adapter(self, adapter_name: str, repo_id: str, **kwargs: Any) -> Any:
+        """Push one adapter to the Hub: PEFT layout + model card, in one commit.
+
+        See :func:`moa.hub.push_adapter` for the options (``revision``, ``private``,
+        ``commit_message``, model-card fields); returns its ``PushResult``.
+        """
+        from moa.hub import push_adapter
+
+        self._check_known([adapter_name])
+        return push_adapter(self, adapter_name, repo_id, **kwargs)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its weights from every layer."""
         self._check_known([adapter_name])
@@ -199,6 +210,47 @@ class MixtureModel(nn.Module):
         )
         logger.info(message)
         print(message)  # noqa: T201 - PEFT's method prints; users call it for this output
+
+    # -- merging (moa.merge) ---------------------------------------------------------------
+
+    def merge_and_unload(
+        self,
+        adapter_names: str | Sequence[str] | Mapping[str, float] | None = None,
+        weights: Sequence[float] | None = None,
+        *,
+        progress: bool = True,
+        sample_input_ids: torch.Tensor | None = None,
+        return_report: bool = False,
+    ) -> Any:
+        """Fold the active adapters (or the given mixture) into the base and return the plain
+        transformers model; this MixtureModel must not be used afterwards.
+
+        See :func:`moa.merge.merge_and_unload` (NF4 bases are re-quantized and the error
+        this introduces is measured in the returned report).
+        """
+        from moa.merge.into_base import merge_and_unload
+
+        return merge_and_unload(self, adapter_names, weights, progress=progress,
+                                sample_input_ids=sample_input_ids, return_report=return_report)
+
+    def merge_into_base(
+        self,
+        adapter_name: str | Sequence[str] | Mapping[str, float] | None = None,
+        weights: Sequence[float] | None = None,
+        *,
+        keep_adapters: bool = False,
+        sample_input_ids: torch.Tensor | None = None,
+        progress: bool = True,
+    ) -> Any:
+        """Add an adapter (or weighted mixture) to the base weights in place.
+
+        Returns a :class:`moa.merge.MergeReport`. The merged adapters leave the bank unless
+        ``keep_adapters=True`` (then they stay loaded but inactive), so nothing is applied twice.
+        """
+        from moa.merge.into_base import merge_into_base
+
+        return merge_into_base(self, adapter_name, weights, keep_adapters=keep_adapters,
+                               sample_input_ids=sample_input_ids, progress=progress)
 
     # -- routing ---------------------------------------------------------------------------
 

@@ -70,7 +70,12 @@ class RoutingController:
         self.model = model
         self._stack: list[Pinned] = []
         self._router_hook: Any = None
-        model.base_model.register_forward_pre_hook(self._on_base_forward, with_kwargs=True)
+        self._base_hook = model.base_model.register_forward_pre_hook(self._on_base_forward, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Detach every hook from the base (used when the base is unloaded from moa)."""
+        self.router_changed(None)
+        self._base_hook.remove()
 
     # -- pinning ---------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from moa.errors import PluginError
 from moa.plugin.manager import (
@@ -89,6 +91,20 @@ def adapter_type_for_peft_type(peft_type: str) -> AdapterTypeSpec:
     return get_plugin_manager().adapter_type_for_peft_type(peft_type)
 
 
+def adapter_type_for_config(config: Mapping[str, Any]) -> AdapterTypeSpec:
+    """The adapter type that reads this ``adapter_config.json`` dict.
+
+    Adapter types whose config class defines ``accepts(config) -> bool`` are asked first
+    (DoRA claims ``{"peft_type": "LORA", "use_dora": true}``); otherwise this is
+    :func:`adapter_type_for_peft_type` of ``config["peft_type"]``.
+
+    Raises:
+        PluginConflictError: Two adapter types accept the same config.
+        UnknownPluginError: No type accepts it and none reads its ``peft_type``.
+    """
+    return get_plugin_manager().adapter_type_for_config(config)
+
+
 def get_router(name: str) -> type:
     """The router class registered as ``name``, e.g. ``get_router("fixed")("sql")``.
 
@@ -142,6 +158,7 @@ __all__ = [
     "MoaPluginWarning",
     "PluginInfo",
     "RouterSpec",
+    "adapter_type_for_config",
     "adapter_type_for_peft_type",
     "check_pending",
     "format_provides",

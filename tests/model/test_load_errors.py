@@ -115,7 +115,13 @@ def rank_too_big(folder):
         (rank_too_big, AdapterShapeError, "max_rank=256"),
     ],
 )
-def test_bad_adapter_folder_raises_and_changes_nothing(saved, input_ids, corrupt, error, match):
+def test_bad_adapter_folder_raises_and_changes_nothing(saved, input_ids, corrupt, error, match, monkeypatch):
+    from moa.plugin import reset_plugin_manager
+
+    # without the moa-dora plugin, the built-in LoRA type must refuse use_dora and say where DoRA is
+    monkeypatch.setenv("MOA_DISABLE_PLUGINS", "dora")
+    reset_plugin_manager()
+    monkeypatch.setattr("moa.plugin._manager", None, raising=False)
     model, folder = saved
     names, before = snapshot(model, input_ids)
     corrupt(folder)

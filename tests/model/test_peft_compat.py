@@ -99,3 +99,12 @@ def test_mixed_batch_equals_peft_adapter_names(tiny_base_dir, tmp_path, input_id
     with torch.no_grad():
         got = model(input_ids, adapter_names=rows).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_saving_twice_gives_identical_bytes(tiny_model, tmp_path):
+    torch.manual_seed(8)
+    tiny_model.add_adapter("d", moa.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    tiny_model.save_adapter("d", tmp_path / "one")
+    tiny_model.save_adapter("d", tmp_path / "two")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()

@@ -6,26 +6,29 @@ import types
 
 import pytest
 
+from moa.default_plugins import BUILTIN_PLUGINS
+
 from moa.errors import PluginConflictError
 from moa.plugin import MoaPluginManager
 
 
 def test_duplicate_router_name_names_both_plugins_and_distributions(
         make_dist, fresh_manager, router_source, monkeypatch):
-    make_dist("dist-a", "1.0", {"kw_a": "kw_a_mod"}, {"kw_a_mod": router_source("keyword")})
-    make_dist("dist-b", "2.0", {"kw_b": "kw_b_mod"}, {"kw_b_mod": router_source("keyword")})
+    # a name no real installed plugin uses (moa-router-keyword provides "keyword")
+    make_dist("dist-a", "1.0", {"kw_a": "kw_a_mod"}, {"kw_a_mod": router_source("kw_clash")})
+    make_dist("dist-b", "2.0", {"kw_b": "kw_b_mod"}, {"kw_b_mod": router_source("kw_clash")})
 
     with pytest.raises(PluginConflictError) as exc:
         fresh_manager()
     message = str(exc.value)
-    for part in ("router 'keyword'", "'kw_a'", "'kw_b'", "dist-a 1.0", "dist-b 2.0",
+    for part in ("router 'kw_clash'", "'kw_a'", "'kw_b'", "dist-a 1.0", "dist-b 2.0",
                  "Uninstall one of them", "MOA_DISABLE_PLUGINS="):
         assert part in message, (part, message)
 
     # the next step the message gives works
     monkeypatch.setenv("MOA_DISABLE_PLUGINS", "kw_b")
     pm = fresh_manager()
-    assert pm.get_router("keyword").__module__ == "kw_a_mod"
+    assert pm.get_router("kw_clash").__module__ == "kw_a_mod"
 
 
 def test_duplicate_of_a_builtin_router_name(make_dist, router_source):
@@ -65,7 +68,7 @@ def test_register_under_a_taken_name(router_source):
     # neither attempt changed the manager
     assert pm.get_router("fixed").__module__ == "moa.routing.fixed"
     assert not pm.pluggy_manager.has_plugin("clash_fixed")
-    assert [i.name for i in pm.list_plugins()] == ["lora", "routers"]
+    assert [i.name for i in pm.list_plugins()] == [name for name, _ in BUILTIN_PLUGINS]
 
 
 def test_two_adapter_types_for_one_peft_type():

@@ -1,0 +1,42 @@
+"""Publishing to and pulling from the Hugging Face Hub: adapters, routers, whole mixtures.
+
+Pushes are one commit each, with a generated model card. Pulls are verified: safe file
+names, safetensors only, size and rank caps, and every file's hash against the Hub's
+listing and (for mixtures) the manifest's pins; a mismatch raises and loads nothing.
+``huggingface_hub`` is imported on first use; it reads ``HF_ENDPOINT``,
+``HF_HUB_DISABLE_XET`` (and ``HF_HUB_OFFLINE``) at import time.
+
+Example::
+
+    import moa
+    result = moa.push_adapter(model, "sql", "alice/sql-lora", domains=["sql"])
+    folder = moa.pull_adapter("alice/sql-lora", revision=result.oid)
+    moa.push_mixture(model, "alice/sql-code", adapters={"sql": "alice/sql-lora", "code": "alice/code-lora"})
+    manifest = moa.pull_mixture("alice/sql-code", model=other_model)
+"""
+
+from __future__ import annotations
+
+from moa.hub.manifest import AdapterPin, BaseSpec, MixtureManifest, RouterPin, pull_mixture, push_mixture
+from moa.hub.pull import PulledRepo, fetch_verified, load_router_folder, pull_adapter, pull_router
+from moa.hub.push import PushResult, push_adapter, push_adapter_folder, push_router
+from moa.hub.verify import Limits
+
+__all__ = [
+    "AdapterPin",
+    "BaseSpec",
+    "Limits",
+    "MixtureManifest",
+    "PulledRepo",
+    "PushResult",
+    "RouterPin",
+    "fetch_verified",
+    "load_router_folder",
+    "pull_adapter",
+    "pull_mixture",
+    "pull_router",
+    "push_adapter",
+    "push_adapter_folder",
+    "push_mixture",
+    "push_router",
+]

@@ -1,0 +1,257 @@
+"""The curated registry (``registry/``): adapters and plugins as TOML files, checked against schemas.
+
+``load_registry()`` reads and validates every entry; ``resolve(name)`` finds an adapter for
+``moa pull NAME``; ``verify_registry()`` checks every adapter pin against the Hub (or the HF
+cache) and every plugin entry against its package's ``pyproject.toml`` when the package
+lives in this repository.
+
+The registry folder is ``$MOA_REGISTRY`` if set, else ``registry/`` next to the ``moa``
+package in a source checkout.
+
+Example::
+
+    from moa.hub.registry import load_registry, resolve
+    entry = resolve("sql")                  # AdapterEntry: repo, revision, files...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import moa
+from moa.errors import HubError, IntegrityError, MoaError, RegistryError, format_choices
+from moa.hub.schema_check import validate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_ENV = "MOA_REGISTRY"
+KINDS = ("adapters", "plugins")
+_SCHEMAS = {"adapters": "adapter.schema.json", "plugins": "plugin.schema.json"}
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """A registered adapter (see ``registry/schema/adapter.schema.json``)."""
+
+    name: str
+    repo: str
+    revision: str
+    adapter_type: str
+    base_model: str
+    base_fingerprint: str
+    files: dict[str, str]
+    domains: list[str]
+    license: str
+    quantization: str | None = None
+    description: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """A registered plugin package (see ``registry/schema/plugin.schema.json``)."""
+
+    name: str
+    package: str
+    entry_point: str  # "name = module"
+    provides: dict[str, list[str]]
+    moa_versions: str
+    description: str
+    license: str
+    source: str | None = None
+    path: Path | None = None
+
+    def compatible(self, version: str = moa.__version__) -> bool:
+        """Whether ``version`` of moa satisfies :attr:`moa_versions`."""
+        from packaging.specifiers import SpecifierSet
+
+        return SpecifierSet(self.moa_versions).contains(version, prereleases=True)
+
+
+@dataclass
+class Registry:
+    """Every entry, by name; ``root`` is the registry folder."""
+
+    root: Path
+    adapters: dict[str, AdapterEntry]
+    plugins: dict[str, PluginEntry]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of checking one entry: ``status`` is ``ok``, ``cached`` (verified from the
+    cache, Hub unreachable), ``skipped`` (not checkable here) or ``failed``."""
+
+    kind: str
+    name: str
+    status: str
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def registry_root(root: str | os.PathLike | None = None) -> Path:
+    """The registry folder: ``root``, else ``$MOA_REGISTRY``, else the checkout's ``registry/``."""
+    candidate = Path(root or os.environ.get(REGISTRY_ENV) or Path(moa.__file__).resolve().parent.parent / "registry")
+    if not (candidate / "schema").is_dir():
+        raise RegistryError(
+            f"No moa registry at {str(candidate)!r} (it needs schema/, adapters/ and plugins/). Set "
+            f"{REGISTRY_ENV}=/path/to/moa/registry (the folder in the moa repository)."
+        )
+    return candidate
+
+
+def load_schema(root: Path, kind: str) -> dict[str, Any]:
+    """The JSON Schema of one kind of entry."""
+    return json.loads((root / "schema" / _SCHEMAS[kind]).read_text())
+
+
+def load_registry(root: str | os.PathLike | None = None) -> Registry:
+    """Read and validate every entry.
+
+    Raises:
+        RegistryError: naming each file that is not valid TOML, breaks its schema, or whose
+            ``name`` differs from its file name.
+    """
+    folder = registry_root(root)
+    problems: list[str] = []
+    found: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+    for kind in KINDS:
+        schema = load_schema(folder, kind)
+        for path in sorted((folder / kind).glob("*.toml")):
+            try:
+                data = tomllib.loads(path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+                problems.append(f"{path.relative_to(folder)}: not valid TOML ({error})")
+                continue
+            errors = validate(data, schema)
+            if not errors and data["name"] != path.stem:
+                errors = [f"/name: {data['name']!r} must equal the file name {path.stem!r}"]
+            if errors:
+                problems += [f"{path.relative_to(folder)}{e}" for e in errors]
+                continue
+            found[kind][data["name"]] = _entry(kind, data, path)
+    if problems:
+        raise RegistryError(
+            f"The registry at {str(folder)!r} has invalid entries:\n  " + "\n  ".join(problems)
+            + "\nFix them to match registry/schema/*.schema.json."
+        )
+    return Registry(folder, found["adapters"], found["plugins"])
+
+
+def _entry(kind: str, data: dict[str, Any], path: Path) -> AdapterEntry | PluginEntry:
+    if kind == "adapters":
+        base = data["base"]
+        return AdapterEntry(
+            name=data["name"], repo=data["repo"], revision=data["revision"], adapter_type=data["adapter_type"],
+            base_model=base["model_id"], base_fingerprint=base["fingerprint"], files=dict(data["files"]),
+            domains=list(data["domains"]), license=data["license"], quantization=base.get("quantization"),
+            description=data.get("description", ""), metrics=dict(data.get("metrics", {})), path=path,
+        )
+    point = data["entry_point"]
+    return PluginEntry(
+        name=data["name"], package=data["package"], entry_point=f"{point['name']} = {point['value']}",
+        provides={k: list(v) for k, v in data["provides"].items()}, moa_versions=data["moa_versions"],
+        description=data["description"], license=data["license"], source=data.get("source"), path=path,
+    )
+
+
+def resolve(name: str, registry: Registry | None = None) -> AdapterEntry:
+    """The registered adapter called ``name``.
+
+    Raises:
+        RegistryError: listing the registered names.
+    """
+    registry = registry or load_registry()
+    entry = registry.adapters.get(name)
+    if entry is None:
+        raise RegistryError(
+            f"No adapter named {name!r} in the registry. Registered: {format_choices(registry.adapters)}. "
+            f"Give a Hub repo id ('owner/name') instead, or run 'moa registry list'."
+        )
+    return entry
+
+
+def verify_registry(
+    root: str | os.PathLike | None = None,
+    *,
+    offline_ok: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+) -> list[VerifyResult]:
+    """Check every entry: adapter pins (sha256 of every file at the pinned commit) and plugin sources.
+
+    Args:
+        root: Registry folder (default :func:`registry_root`).
+        offline_ok: When the Hub cannot be reached, verify from the HF cache instead, and
+            report an adapter that is not cached as ``skipped`` rather than ``failed``.
+        cache_dir, token: For the Hub client.
+
+    Returns:
+        One :class:`VerifyResult` per entry. Schema problems raise :class:`RegistryError` first.
+    """
+    from moa.hub.pull import fetch_verified, is_offline
+
+    registry = load_registry(root)
+    results = []
+    for entry in registry.adapters.values():
+        try:
+            pulled = fetch_verified(entry.repo, kind="adapter", revision=entry.revision, pinned=entry.files,
+                                    cache_dir=cache_dir, token=token, cache_fallback=offline_ok)
+            status = "cached" if pulled.from_cache else "ok"
+            results.append(VerifyResult("adapter", entry.name, status, f"{entry.repo}@{entry.revision[:12]}"))
+        except HubError as error:
+            skipped = offline_ok and is_offline()
+            results.append(VerifyResult("adapter", entry.name, "skipped" if skipped else "failed", str(error)))
+        except (IntegrityError, MoaError) as error:
+            results.append(VerifyResult("adapter", entry.name, "failed", str(error)))
+    results += [_verify_plugin(registry.root.parent, entry) for entry in registry.plugins.values()]
+    return results
+
+
+def _verify_plugin(repo_root: Path, entry: PluginEntry) -> VerifyResult:
+    if not entry.compatible():
+        return VerifyResult("plugin", entry.name, "failed",
+                            f"moa {moa.__version__} is outside its moa_versions {entry.moa_versions!r}")
+    if entry.source is None:
+        return VerifyResult("plugin", entry.name, "skipped", "not in this repository")
+    pyproject = repo_root / entry.source / "pyproject.toml"
+    if not pyproject.is_file():
+        return VerifyResult("plugin", entry.name, "failed", f"{entry.source}/pyproject.toml does not exist")
+    project = tomllib.loads(pyproject.read_text()).get("project", {})
+    points = project.get("entry-points", {}).get("moa", {})
+    problems = []
+    if project.get("name") != entry.package:
+        problems.append(f"package is {project.get('name')!r} in pyproject.toml, {entry.package!r} in the registry")
+    name, _, value = entry.entry_point.partition(" = ")
+    if points.get(name) != value:
+        problems.append(f"entry point {entry.entry_point!r} not in its [project.entry-points.moa] ({points})")
+    if problems:
+        return VerifyResult("plugin", entry.name, "failed", "; ".join(problems))
+    return VerifyResult("plugin", entry.name, "ok", f"{entry.source} matches")
+
+
+__all__ = [
+    "AdapterEntry",
+    "PluginEntry",
+    "Registry",
+    "VerifyResult",
+    "load_registry",
+    "registry_root",
+    "resolve",
+    "verify_registry",
+]
