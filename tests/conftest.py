@@ -9,6 +9,14 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402  (torch itself never imports triton)
+
+# @triton.jit reads TRITON_INTERPRET when a kernel module is imported: set it before any
+# test module (or a library such as bitsandbytes) can import triton. Without CUDA, the
+# Triton kernels can only run interpreted on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def _free_local_port() -> int:
     import socket

@@ -101,6 +101,14 @@ class AdapterLayer(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
 
+    def attach_base(self, base_layer: nn.Module) -> None:
+        """Called once when the layer is installed on ``base_layer`` (before any forward).
+
+        Types whose parameters depend on the base weight (DoRA's magnitude) initialise them
+        here. The default does nothing. Do not keep a reference that nn.Module would
+        register as a submodule (the base is not part of the adapter).
+        """
+
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A [r, H_in], B [H_out, r], scale)`` if this layer is low rank, else ``None``."""
         return None

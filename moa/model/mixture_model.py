@@ -401,6 +401,11 @@ class MixtureModel(nn.Module):
                 f"Invalid adapter name {name!r}: use letters, digits, '_' and '-' only "
                 f"(and not {BASE_ROW!r})."
             )
+        if hasattr(nn.ModuleDict(), name):  # the per-layer bank is an nn.ModuleDict
+            raise AdapterExistsError(
+                f"Invalid adapter name {name!r}: it is the name of a torch module attribute "
+                f"(like 'train' or 'forward'). Pick another, e.g. {name + '_adapter'!r}."
+            )
         if name in self.peft_config:
             raise AdapterExistsError(
                 f"An adapter named {name!r} is already loaded. Loaded: "
@@ -432,6 +437,7 @@ class MixtureModel(nn.Module):
             base_layer = self._base_layer(module_name)
             weight = next(base_layer.parameters())
             layer.to(device=weight.device)
+            layer.attach_base(base_layer)
             layer.requires_grad_(trainable)
             wrapper = self.base_model.get_submodule(module_name)
             if not isinstance(wrapper, MixtureLinear):

@@ -174,6 +174,10 @@ def test_add_adapter_errors_leave_model_untouched(tiny_model, input_ids):
         tiny_model.add_adapter("x", moa.LoraConfig(target_modules=["q_proj", "qkv_proj"]))
     with pytest.raises(AdapterExistsError, match="already loaded"):
         tiny_model.add_adapter("a", moa.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(AdapterExistsError, match="torch module attribute"):
+        tiny_model.add_adapter("train", moa.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(AdapterExistsError, match="letters, digits"):
+        tiny_model.add_adapter("a.b", moa.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(moa.MoaError, match="max_rank=256"):
         tiny_model.add_adapter("big", moa.LoraConfig(r=300, target_modules=["q_proj"]))
     assert tiny_model.adapter_names == ["a"]
