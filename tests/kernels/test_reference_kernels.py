@@ -102,3 +102,24 @@ def test_reference_is_differentiable_for_x_a_b_and_weights():
 
     inputs = (x, *stack.lora_a, *stack.lora_b)
     assert torch.autograd.gradcheck(lambda *t: run(t[0], weights.detach(), *t[1:]), inputs)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_row_runs_path_matches_naive_loop(k):
+    from moa.kernels.runs import token_runs
+
+    ranks = [4, 0, 8, 16]
+    rows, seq = 6, 20  # row-level routing: every adapter gets whole rows (long runs)
+    gen = torch.Generator().manual_seed(k)
+    row_ids = torch.randint(0, len(ranks), (rows, k), generator=gen, dtype=torch.int32)
+    if k == 2:
+        row_ids[:, 1] = (row_ids[:, 0] + 1) % len(ranks)
+    ids = row_ids.repeat_interleave(seq, 0)
+    weights = torch.rand(rows, k, generator=gen).repeat_interleave(seq, 0)
+    stack = make_stack(ranks, 24, 40)
+    meta = build_metadata(ids, weights, len(ranks))
+    assert token_runs(meta) is not None  # the in-place run path is the one under test
+    x = torch.randn(rows * seq, 24, generator=gen)
+    base = torch.randn(rows * seq, 40, generator=gen)
+    out = lora_expand(lora_shrink(x, stack, meta), stack, meta, base.clone())
+    torch.testing.assert_close(out.double() - base.double(), naive(x, stack, ids, weights), rtol=1e-5, atol=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from moa.kernels.metadata import LoraStack, RoutingMetadata
+from moa.kernels.runs import token_runs
 
 
 def lora_expand(
@@ -33,15 +34,18 @@ def lora_expand(
             r = rank of adapter a in this layer (0 if absent)
             out[t] += stack.lora_b[a] @ h[p, :r]
     """
+    runs = token_runs(meta) if h.dtype == out.dtype and not out.requires_grad else None
     for slot in meta.active_adapters:
         lora_b = stack.lora_b[slot]
         if lora_b is None:
             continue
         start, end = meta.pairs_of(slot)
         rank = lora_b.shape[1]
-        delta = (h[start:end, :rank] @ lora_b.t()).to(out.dtype)
-        if meta.identity_adapter == slot:
-            out.add_(delta)
+        if runs is not None:  # add into out[run] in place: no temporary, no scatter
+            for pair_start, pair_end, token in runs[slot]:
+                rows = out[token : token + pair_end - pair_start]
+                rows.addmm_(h[pair_start:pair_end, :rank], lora_b.t())
         else:
+            delta = (h[start:end, :rank] @ lora_b.t()).to(out.dtype)
             out.index_add_(0, meta.token_index[start:end], delta)
     return out

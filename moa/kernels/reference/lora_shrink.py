@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moa.kernels.metadata import LoraStack, RoutingMetadata
+from moa.kernels.runs import token_runs
 
 
 def lora_shrink(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata) -> torch.Tensor:
@@ -34,16 +35,19 @@ def lora_shrink(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata) -> tor
             h[p, r:] = 0
     """
     h = torch.zeros(meta.num_pairs, stack.max_rank, dtype=x.dtype, device=x.device)
+    runs = token_runs(meta)
     for slot in meta.active_adapters:
         lora_a = stack.lora_a[slot]
         if lora_a is None:
             continue
         start, end = meta.pairs_of(slot)
         rank = lora_a.shape[0]
-        if meta.identity_adapter == slot:
-            rows = x
+        coeff = meta.pair_weight[start:end].to(x.dtype) * stack.scales[slot]
+        if runs is not None:  # read x[run] in place: no gather
+            for pair_start, pair_end, token in runs[slot]:
+                h[pair_start:pair_end, :rank] = x[token : token + pair_end - pair_start] @ lora_a.t()
+            h[start:end, :rank] *= coeff[:, None]
         else:
             rows = x.index_select(0, meta.token_index[start:end])
-        coeff = meta.pair_weight[start:end].to(x.dtype) * stack.scales[slot]
-        h[start:end, :rank] = (rows @ lora_a.t()) * coeff[:, None]
+            h[start:end, :rank] = (rows @ lora_a.t()) * coeff[:, None]
     return h
