@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from moa.errors import AdapterConfigError
-from moa.testing import AdapterTypeContract, random_input_ids, require_plugin
+from moa.testing import AdapterTypeContract, require_plugin
 
 moa_dora = require_plugin("moa-dora", "moa_dora")
 DORA_KWARGS = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}

@@ -34,3 +34,21 @@ def test_batch_mixing_lora_dora_ia3_rows_equals_each_row_alone(moa_tiny_model):
         outputs = model(input_ids, adapter_names=names).logits
     for i, name in enumerate(names):
         assert torch.allclose(outputs[i], base[i], atol=1e-6) == (name is None)
+
+
+def test_merging_a_dora_adapter_into_an_fp32_base_keeps_its_logits(moa_tiny_model):
+    torch.manual_seed(3)
+    moa_tiny_model.add_adapter("d", moa_dora.DoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                        init_lora_weights=False))
+    with torch.no_grad():  # a magnitude away from ||W + sBA||, so both DoRA terms matter
+        for layer in moa_tiny_model.adapter_layers("d").values():
+            layer.lora_magnitude_vector.mul_(1.3)
+    ids = random_input_ids(2, 6)
+    with torch.no_grad():
+        before = moa_tiny_model(ids, adapter_names=["d", "d"]).logits
+        base = moa_tiny_model(ids, adapter_names=[None, None]).logits
+    moa_tiny_model.merge_into_base("d")
+    with torch.no_grad():
+        after = moa_tiny_model(ids, adapter_names=[None, None]).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert (before - base).abs().max() > 1e-3  # the adapter did change the logits

@@ -24,7 +24,7 @@ inference; never per token.
 from __future__ import annotations
 
 import dataclasses
-import math
+import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa import LoraConfig
-from moa.adapters.base import AdapterLayer
+from moa import LoraConfig, LoraLayer
 from moa.errors import AdapterConfigError
 
 
@@ -100,9 +99,10 @@ def dense_base_weight(base_layer: nn.Module) -> torch.Tensor:
     return weight.detach()
 
 
-class DoraLayer(AdapterLayer):
+class DoraLayer(LoraLayer):
     """One DoRA adapter on one module: LoRA factors plus a magnitude vector.
 
+    The LoRA half (rank, scale, dropout, PEFT's initialisation) is moa's :class:`LoraLayer`.
     The magnitude starts (as in PEFT) at ``||W + scale * B @ A||`` per row, so a fresh
     adapter with ``B = 0`` is the identity. That needs the base weight: a layer built by
     ``model.add_adapter`` initialises its magnitude in :meth:`attach_base`, as the model
@@ -119,36 +119,19 @@ class DoraLayer(AdapterLayer):
         "lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
 
     def __init__(self, config: DoraConfig, module_name: str, in_features: int, out_features: int):
-        super().__init__(config, module_name, in_features, out_features)
-        self.rank = config.rank_for(module_name)
-        self.scale = config.scale_for(module_name)
-        self.dropout = float(config.lora_dropout)
-        self.lora_A = nn.Linear(in_features, self.rank, bias=False)
-        self.lora_B = nn.Linear(self.rank, out_features, bias=False)
+        super().__init__(config, module_name, in_features, out_features)  # calls reset_parameters
         self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features))
-        self._magnitude_ready = False
         self._norm_key: tuple[Any, ...] | None = None
         self._norm: torch.Tensor | None = None
-        self.reset_parameters(config.init_lora_weights)
+        self._base: weakref.ref[nn.Module] | None = None  # not a submodule: the base is not ours
 
     def reset_parameters(self, init: bool | str = True) -> None:
-        """Initialise ``A`` and ``B`` like PEFT's LoRA (``B = 0`` unless ``init`` is False)."""
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1.0 / self.rank)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.lora_B.weight)
+        """LoRA's initialisation; the magnitude is then re-derived from the base weight."""
+        super().reset_parameters(init)
         self._magnitude_ready = False
 
     def low_rank(self) -> None:
         """DoRA is applied on the generic path: always ``None``."""
-
-    def dropout_p(self) -> float:
-        return self.dropout
 
     # -- the weight norm -------------------------------------------------------------------
 
@@ -177,7 +160,29 @@ class DoraLayer(AdapterLayer):
 
         A loaded adapter keeps its saved magnitude (``load_peft_state_dict`` ran first).
         """
+        self._base = weakref.ref(base_layer)
         self._ensure_magnitude(self.weight_norm(base_layer))
+
+    def delta_weight(self) -> torch.Tensor:
+        """The exact dense change DoRA makes: ``(m / ||W + s B A||) * (W + s B A) - W``.
+
+        Used to fold the adapter into the base (``merge_into_base``); unlike LoRA's, it
+        depends on the base weight, which the layer saw in :meth:`attach_base`.
+
+        Raises:
+            AdapterConfigError: The layer was never installed on a base.
+        """
+        base_layer = self._base() if self._base is not None else None
+        if base_layer is None:
+            raise AdapterConfigError(
+                f"DoRA adapter on {self.module_name!r} is not installed on a base, so its dense "
+                f"change (which depends on the base weight) cannot be computed.")
+        with torch.no_grad():
+            weight = dense_base_weight(base_layer).float()
+            directed = weight + self.scale * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+            norm = self.weight_norm(base_layer).float()
+            magnitude = self.lora_magnitude_vector.detach().float()
+            return (magnitude / norm)[:, None] * directed - weight
 
     def _ensure_magnitude(self, norm: torch.Tensor) -> None:
         if not self._magnitude_ready:
