@@ -34,20 +34,30 @@ def lora_shrink(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata) -> tor
             h[p, :r] = w * stack.scales[a] * (stack.lora_a[a] @ x[t])
             h[p, r:] = 0
     """
-    h = torch.zeros(meta.num_pairs, stack.max_rank, dtype=x.dtype, device=x.device)
+    max_rank = stack.max_rank
+    h = torch.zeros(meta.num_pairs, max_rank, dtype=x.dtype, device=x.device)
+    if meta.num_pairs == 0 or max_rank == 0:
+        return h
+    # Rows are read in place over contiguous token runs (row-level routing), else gathered
+    # once for all pairs; each product goes straight into h, and one multiply applies every
+    # pair's weight and scale.
     runs = token_runs(meta)
+    rows = None if runs is not None else x.index_select(0, meta.token_index)
+    in_place = not torch.is_grad_enabled()  # mm(out=...) has no autograd
     for slot in meta.active_adapters:
         lora_a = stack.lora_a[slot]
         if lora_a is None:
             continue
         start, end = meta.pairs_of(slot)
         rank = lora_a.shape[0]
-        coeff = meta.pair_weight[start:end].to(x.dtype) * stack.scales[slot]
-        if runs is not None:  # read x[run] in place: no gather
-            for pair_start, pair_end, token in runs[slot]:
-                h[pair_start:pair_end, :rank] = x[token : token + pair_end - pair_start] @ lora_a.t()
-            h[start:end, :rank] *= coeff[:, None]
-        else:
-            rows = x.index_select(0, meta.token_index[start:end])
-            h[start:end, :rank] = (rows @ lora_a.t()) * coeff[:, None]
+        pieces = [(s, e, x[t : t + e - s]) for s, e, t in runs[slot]] if runs is not None else [
+            (start, end, rows[start:end])
+        ]
+        for piece_start, piece_end, piece in pieces:
+            if rank == max_rank and in_place:
+                torch.mm(piece, lora_a.t(), out=h[piece_start:piece_end])
+            else:
+                h[piece_start:piece_end, :rank] = piece @ lora_a.t()
+    scales = torch.tensor(stack.scales, dtype=x.dtype, device=x.device)
+    h *= (meta.pair_weight.to(x.dtype) * scales[meta.pair_adapter.long()])[:, None]
     return h
