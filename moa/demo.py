@@ -1,110 +1,186 @@
-"""``moa demo``: one mixed batch over the default base, checked row by row.
+"""``moa demo``: five domain adapters over one NF4 base, routed per request by a learned gate.
 
-Two LoRA adapters are attached to the NF4 base and one batch is served in one
-``generate`` call: a row on adapter A, a row on B, a row on a 70/30 mixture, a row on
-the base. Each row is then run alone; the table shows that the mixed batch gives every
-row exactly what it would get alone. The adapters are seeded random ones (trained
-domain adapters come with ``moa train-adapter``).
+On a fresh machine (no network, 2 CPU cores, a few minutes):
+
+1. load the default base (SmolLM2-135M-Instruct) quantized to NF4;
+2. load the five shipped domain adapters (``moa/demo_adapters``; ``--retrain`` trains them
+   again with the committed recipe, which takes hours on a CPU);
+3. train the learned gate on the domain labels (cached hidden states of layer 2 of the
+   train prompts: seconds);
+4. evaluate on a quick subset of every test set: base, oracle routing, the gate
+   (``--full``: the whole evaluation of ``moa eval``, all configurations and test items);
+5. serve ONE mixed batch, one request per domain plus a composite one, in one ``generate``
+   call: the gate routes each row from its own prompt inside the same forward; print each
+   request, the chosen adapter weights, the answer, whether it is correct, and whether the
+   row's answer is the same when it is served alone.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-PROMPTS = [
-    "List three prime numbers.",
-    "Translate 'good morning' into French.",
-    "Write a SQL query that counts the rows of table users.",
-    "What is the capital of France?",
-]
-ROUTES: list[dict[str, float] | None] = [{"alpha": 1.0}, {"beta": 1.0}, {"alpha": 0.7, "beta": 0.3}, None]
+STAGES = ("load NF4 base", "load adapters", "train gate", "quick eval", "mixed batch")
 
 
-def _attach_demo_adapters(model, seed: int = 0) -> None:
+def _weights_text(mixture: dict[str, float] | None) -> str:
+    if not mixture:
+        return "base"
+    return " + ".join(f"{w:.2f} {n}" for n, w in sorted(mixture.items(), key=lambda kv: -kv[1]) if w >= 0.005)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def pick_showcase(domains: list[str]) -> list[Any]:
+    """One test request per domain (a held-out phrasing where there is one) and one composite."""
+    from moa.data import HELD_OUT_PHRASINGS, load_composite, load_split
+
+    picked = []
+    for d in domains:
+        test = load_split(d, "test")
+        held = [e for e in test if e.phrasing in HELD_OUT_PHRASINGS[d]]
+        picked.append((held or test)[0])
+    composite = load_composite()
+    if composite:
+        picked.append(composite[0])
+    return picked
+
+
+def _retrain(model: Any, out: Path) -> None:
+    from moa.data import DOMAINS
+    from moa.train.recipes import train_domain_adapter
+
+    logger.warning("--retrain: training %d adapters with the demo recipe into %s (hours on a CPU).", len(DOMAINS), out)
+    for domain in DOMAINS:
+        train_domain_adapter(model, domain, out / domain)
+        model.delete_adapter(domain)
+
+
+def run_demo(
+    base: str = "default",
+    quantization: str | None = "nf4",
+    full: bool = False,
+    retrain: bool = False,
+    adapters_dir: str | None = None,
+    out_dir: str | None = None,
+    limit: int = 4,
+    gate_examples_per_domain: int = 40,
+    check_alone: bool = True,
+) -> str:
+    """Run the demo and return its report.
+
+    Args:
+        base: Base model (``"default"``, a folder, a Hub id).
+        quantization: ``"nf4"`` or ``None``.
+        full: Run the full evaluation (every configuration, every test item, composite).
+        retrain: Train the five adapters again (into ``out_dir/adapters``) instead of loading
+            the shipped ones.
+        adapters_dir: Use these adapters instead of the shipped ones.
+        out_dir: Where ``--full`` writes its report (and ``--retrain`` its adapters).
+        limit: Test items per domain in the quick evaluation.
+        gate_examples_per_domain: Train prompts per domain the gate learns from.
+        check_alone: Also serve every showcase row alone and compare.
+    """
     import moa
+    from moa.data import DOMAINS, load_composite, load_split
+    from moa.eval import EvalConfig, evaluate, render_markdown, write_report
+    from moa.eval.assets import load_adapters, shipped_adapters_dir
+    from moa.eval.runner import generate_routed, score_examples
+    from moa.train.chat import answer_token_budget
+    from moa.train.recipes import DEMO_RECIPE
+    from moa.train.router import train_router
 
-    for i, name in enumerate(("alpha", "beta")):
-        torch.manual_seed(seed + i)
-        model.add_adapter(name, moa.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-        with torch.no_grad():  # small, so the base's answers stay readable but change
-            for layer in model.adapter_layers(name).values():
-                layer.lora_B.weight.mul_(0.02)
-
-
-def _chat_inputs(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        if getattr(tokenizer, "chat_template", None)
-        else p
-        for p in prompts
-    ]
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-
-def run_demo(base: str = "default", quantization: str | None = "nf4", max_new_tokens: int = 12) -> str:
-    """Run the demo and return its report (a table)."""
-    import moa
-
-    steps = tqdm(total=4, desc="moa demo", unit="step")
     start = time.perf_counter()
-    steps.set_postfix_str("loading base")
+    timings: dict[str, float] = {}
+    out = Path(out_dir or "demo_results")
+    bar = tqdm(total=len(STAGES), desc="moa demo", unit="stage")
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+
+    def done(name: str, since: float) -> None:
+        timings[name] = time.perf_counter() - since
+        bar.update()
+
+    t = time.perf_counter()
+    stage(STAGES[0])
     model = moa.MixtureModel.from_pretrained(base, quantization=quantization)
-    steps.update()
-    steps.set_postfix_str("attaching adapters")
-    _attach_demo_adapters(model)
-    steps.update()
-    tokenizer = model.tokenizer
-    inputs = _chat_inputs(tokenizer, PROMPTS)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    steps.set_postfix_str("mixed batch")
+    done(STAGES[0], t)
+
+    t = time.perf_counter()
+    stage(STAGES[1])
+    source = Path(adapters_dir) if adapters_dir else shipped_adapters_dir()
+    if retrain:
+        source = out / "adapters"
+        _retrain(model, source)
+    names = load_adapters(model, source)
+    domains = [d for d in DOMAINS if d in names]
+    done(STAGES[1], t)
+
+    t = time.perf_counter()
+    stage(STAGES[2])
+    train = [e for d in domains for e in load_split(d, "train")[:gate_examples_per_domain]]
+    dev = [e for d in domains for e in load_split(d, "dev")[:20]]
+    gate, gate_metrics = train_router(model, train, domains, hidden_layer=DEMO_RECIPE.first_layer,
+                                      dev_examples=dev, progress=False)
+    done(STAGES[2], t)
+
+    t = time.perf_counter()
+    stage(STAGES[3])
+    examples = {d: load_split(d, "test") for d in domains}
+    if full:
+        config = EvalConfig(batch_size=24)
+        result = evaluate(model, examples, domains, gate=gate, composite=load_composite(), config=config)
+        write_report(result, out / "eval")
+    else:
+        config = EvalConfig(limit=limit, batch_size=24, configs=("base", "oracle", "gate"), composite=False)
+        result = evaluate(model, examples, domains, gate=gate, config=config)
+    done(STAGES[3], t)
+
+    t = time.perf_counter()
+    stage(STAGES[4])
+    showcase = pick_showcase(domains)
+    budget = max(answer_token_budget(model.tokenizer, [e.answer for e in load_split(d, "dev")]) for d in domains)
+    prompts = [e.prompt for e in showcase]
     batch_start = time.perf_counter()
-    mixed = model.generate(**inputs, adapter_weights=ROUTES, **kwargs)
+    answers, routing = generate_routed(model, prompts, gate, budget, batch_size=len(prompts), progress=False)
     batch_seconds = time.perf_counter() - batch_start
-    with torch.no_grad():
-        mixed_logits = model(**inputs, adapter_weights=ROUTES).logits
-    steps.update()
-    steps.set_postfix_str("rows alone")
-    rows = []
-    prompt_len = inputs["input_ids"].shape[1]
-    for i, (prompt, route) in enumerate(zip(PROMPTS, ROUTES, strict=True)):
-        one = {k: v[i : i + 1] for k, v in inputs.items()}
-        alone = model.generate(**one, adapter_weights=[route], **kwargs)
-        with torch.no_grad():
-            alone_logits = model(**one, adapter_weights=[route]).logits
-        answer = tokenizer.decode(mixed[i, prompt_len:], skip_special_tokens=True).strip().replace("\n", " ")
-        rows.append(
-            (
-                prompt,
-                "base" if route is None else " + ".join(f"{w:g}*{n}" for n, w in route.items()),
-                answer,
-                bool(torch.equal(mixed[i : i + 1], alone)),
-                float((mixed_logits[i] - alone_logits[0]).abs().max()),
-            )
-        )
-    steps.update()
-    steps.close()
+    correct = score_examples(showcase, answers)
+    alone = [generate_routed(model, [p], gate, budget, progress=False)[0][0] for p in prompts] if check_alone else []
+    done(STAGES[4], t)
+    bar.close()
+
     quant = quantization or "dense"
     lines = [
-        f"moa demo: base {base!r} ({quant}), adapters {model.adapter_names}, "
-        f"one mixed batch of {len(PROMPTS)} rows, {max_new_tokens} new tokens, KV cache on",
+        f"moa demo: base {base!r} ({quant}); adapters {domains} from {source}; learned gate on the input of "
+        f"decoder layer {gate.hidden_layer} (top-{gate.top_k}), trained in {gate_metrics['seconds'] + gate_metrics['feature_seconds']:.1f} s "
+        f"on {len(train)} prompts, dev routing accuracy {100 * gate_metrics.get('dev_accuracy', float('nan')):.1f} %",
         "",
-        f"{'prompt':<58} {'adapters':<22} {'same tokens alone':<18} {'max |dlogit|':<12} answer",
+        f"One mixed batch: {len(prompts)} requests, ONE generate call ({batch_seconds:.1f} s), each row routed in-pass "
+        f"from its own prompt, KV cache on, greedy, max_new_tokens={budget}",
+        "",
+        f"{'domain':<11} {'request':<52} {'gate weights':<26} {'ok':<3} "
+        + ("alone " if check_alone else "") + "answer",
         "-" * 150,
     ]
-    for prompt, route, answer, same, diff in rows:
-        lines.append(f"{prompt[:57]:<58} {route:<22} {str(same):<18} {diff:<12.2e} {answer[:60]}")
-    lines += [
-        "",
-        f"mixed batch generate: {batch_seconds:.2f} s; whole demo: {time.perf_counter() - start:.1f} s",
-        "(the adapters are seeded random LoRAs; train real ones with 'moa train-adapter')",
-    ]
+    for i, e in enumerate(showcase):
+        same = ("same  " if alone[i] == answers[i] else "DIFF  ") if check_alone else ""
+        lines.append(f"{e.domain:<11} {_clip(e.prompt, 51):<52} {_clip(_weights_text(routing[i]), 25):<26} "
+                     f"{'✓' if correct[i] else '✗':<3} {same}{_clip(answers[i], 60)}")
+    lines += ["", "Quick evaluation" + (" (full test sets)" if full else f" ({limit} test items per domain)") + ":", ""]
+    lines.append(render_markdown(result))
+    if full:
+        lines.append(f"Full report written to {out / 'eval'} (eval.md, eval.json, PNG plots).")
+    lines.append("Stage timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+                 + f"; whole demo {time.perf_counter() - start:.1f} s (torch threads {torch.get_num_threads()}).")
     return "\n".join(lines)

@@ -10,4 +10,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moa.commands.hub",
     "moa.commands.registry",
     "moa.commands.merge",
+    "moa.commands.train",
+    "moa.commands.eval",
+    "moa.commands.generate",
 )

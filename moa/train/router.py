@@ -1,0 +1,294 @@
+"""Training the learned gate: on domain labels (cached features) or through the LM loss.
+
+* **labels** (default, seconds): one partial base pass per batch of prompts (only the
+  layers below the gate's ``hidden_layer`` run) gives the gate's input features, cached;
+  then the head trains with cross-entropy on the domain labels.
+* **lm** (end to end): the adapters stay frozen; every step runs the mixture with the
+  gate's *soft* weights over all adapters (top-k would cut the gradient of a top-1 gate)
+  and back-propagates the answer tokens' LM loss into the gate through
+  ``RoutingDecision.weights``.
+
+The features are computed exactly as the in-pass router sees them: chat template, left
+padding, positions counted over real tokens, no adapter, mean over the prompt's mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from moa.model.routing_controller import Pinned, decoder_layers
+from moa.routing.learned_gate import LearnedGate, pool_hidden_states
+from moa.train.chat import encode_sft_example, ensure_pad_token, pad_batch, position_ids_from_mask
+
+logger = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    """Ends a partial pass once every wanted layer input is captured."""
+
+
+def layer_inputs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """The base's inputs to decoder ``layers`` (no adapter), by one partial pass.
+
+    Only the layers up to ``max(layers)`` run. Positions follow the mask (left padding),
+    as in ``generate``.
+    """
+    wanted = sorted(set(int(x) for x in layers))
+    blocks = decoder_layers(model.base_model)
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(index: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[index] = args[0] if args else kwargs["hidden_states"]
+            if len(captured) == len(wanted):
+                raise _Captured
+
+        return hook
+
+    for index in wanted:
+        handles.append(blocks[index].register_forward_pre_hook(hook_for(index), with_kwargs=True))
+    try:
+        with torch.no_grad(), model.disable_adapters(), contextlib.suppress(_Captured):
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def collect_features(
+    model: Any,
+    prompts: Sequence[str],
+    layers: int | Sequence[int],
+    level: str = "sequence",
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[int, torch.Tensor] | torch.Tensor:
+    """Gate input features of ``prompts`` at one layer (a tensor) or several (a dict).
+
+    Args:
+        model: A :class:`moa.MixtureModel` with a tokenizer.
+        prompts: User messages (the chat template is applied).
+        layers: Decoder layer index (or indices) whose input is read.
+        level: ``"sequence"``: ``[N, H]`` pooled over each prompt; ``"token"``: one row
+            per real token, ``[sum of lengths, H]`` (see :func:`token_counts`).
+        batch_size: Prompts per partial pass.
+        progress: Show a tqdm bar.
+    """
+    from moa.train.chat import chat_prompt
+
+    single = isinstance(layers, int)
+    wanted = [layers] if single else list(layers)
+    tokenizer = model.tokenizer
+    ensure_pad_token(tokenizer)
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
+    ids = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    for start in tqdm(range(0, len(ids), batch_size), desc="gate features", disable=not progress):
+        batch = pad_batch(ids[start:start + batch_size], tokenizer.pad_token_id, side="left")
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        hidden = layer_inputs(model, batch["input_ids"], batch["attention_mask"], wanted)
+        for layer in wanted:
+            if level == "token":
+                mask = batch["attention_mask"].bool()
+                out[layer].append(hidden[layer].float()[mask].cpu())
+            else:
+                out[layer].append(pool_hidden_states(hidden[layer], batch["attention_mask"]).cpu())
+    result = {layer: torch.cat(chunks) for layer, chunks in out.items()}
+    return result[wanted[0]] if single else result
+
+
+def token_counts(model: Any, prompts: Sequence[str]) -> list[int]:
+    """Tokens per chat-formatted prompt (to repeat sequence labels for token-level training)."""
+    from moa.train.chat import chat_prompt
+
+    return [len(model.tokenizer(chat_prompt(model.tokenizer, p), add_special_tokens=False)["input_ids"])
+            for p in prompts]
+
+
+def train_gate_on_labels(
+    gate: LearnedGate,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 200,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-2,
+    batch_size: int = 256,
+    seed: int = 0,
+    dev: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Cross-entropy on cached features; sets the gate's input normalisation first.
+
+    Args:
+        gate: The gate to train (its head is re-initialised by the seed only if new).
+        features: ``[N, H]`` pooled (or per-token) features.
+        labels: ``[N]`` index into ``gate.gate_adapters``.
+        epochs: Passes over the data.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        batch_size: Rows per step.
+        seed: Data order.
+        dev: Optional ``(features, labels)`` to report a dev accuracy.
+
+    Returns:
+        Metrics: final loss, train (and dev) accuracy, seconds.
+    """
+    start = time.perf_counter()
+    gate.head.set_normalization(features)
+    optimizer = torch.optim.AdamW(gate.head.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.long()
+    gate.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        order = torch.randperm(len(features), generator=generator)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(gate.logits(features[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    gate.eval()
+    metrics: dict[str, Any] = {"mode": "labels", "epochs": epochs, "final_loss": float(loss.detach()),
+                               "train_accuracy": gate_accuracy(gate, features, labels),
+                               "train_rows": len(features), "seconds": round(time.perf_counter() - start, 3)}
+    if dev is not None:
+        metrics["dev_accuracy"] = gate_accuracy(gate, *dev)
+    return metrics
+
+
+def gate_accuracy(gate: LearnedGate, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose top-1 adapter is their label."""
+    with torch.no_grad():
+        return float((gate.logits(features).argmax(-1) == labels.long()).float().mean())
+
+
+def train_gate_lm(
+    model: Any,
+    gate: LearnedGate,
+    examples: Sequence[Any],
+    steps: int = 30,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    seed: int = 0,
+    max_length: int = 1024,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the gate end to end through the LM loss of the frozen adapters' mixture.
+
+    Each step: features of the prompts (cached partial pass, no gradient: they do not
+    depend on the gate), soft weights over all of the gate's adapters, a forward of
+    prompt + answer with those weights pinned from layer ``hidden_layer`` on, and the
+    answer tokens' loss back-propagated into the gate's head only.
+
+    Returns:
+        Metrics: the loss curve, weight change, seconds.
+    """
+    tokenizer = model.tokenizer
+    ensure_pad_token(tokenizer)
+    own = {id(p) for p in gate.parameters()}  # the gate may be the model's router (a submodule)
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    for p in frozen:
+        p.requires_grad_(False)
+    prompts = [e.prompt for e in examples]
+    features = collect_features(model, prompts, gate.hidden_layer, level="sequence")
+    if gate.head.feature_std.eq(1).all():
+        gate.head.set_normalization(features)
+    encoded = [encode_sft_example(tokenizer, e.prompt, e.answer, max_length) for e in examples]
+    optimizer = torch.optim.AdamW(gate.head.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    before = [p.detach().clone() for p in gate.head.parameters()]
+    losses: list[float] = []
+    start = time.perf_counter()
+    gate.train()
+    for _step in (bar := tqdm(range(steps), desc="gate (LM loss)", disable=not progress)):
+        idx = torch.randperm(len(examples), generator=generator)[:batch_size].tolist()
+        batch = pad_batch([encoded[i][0] for i in idx], tokenizer.pad_token_id, labels=[encoded[i][1] for i in idx])
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        decision = gate.decision_from_features(features[idx].to(model.device), model.adapter_names,
+                                               top_k=len(gate.gate_adapters))
+        with model._routing.pin(Pinned(decision=decision, first_layer=gate.hidden_layer)):  # noqa: SLF001
+            out = model.base_model(**batch, use_cache=False)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    gate.eval()
+    for p in frozen:
+        p.requires_grad_(True)
+    change = sum(float((p.detach() - b).abs().sum()) for p, b in zip(gate.head.parameters(), before, strict=True))
+    return {"mode": "lm", "steps": steps, "loss_curve": [round(x, 5) for x in losses],
+            "final_loss": losses[-1] if losses else None, "weight_change_l1": change,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def labels_for(examples: Sequence[Any], adapter_names: Sequence[str]) -> torch.Tensor:
+    """Index of each example's domain in ``adapter_names``."""
+    index = {name: i for i, name in enumerate(adapter_names)}
+    return torch.tensor([index[e.domain] for e in examples], dtype=torch.long)
+
+
+def train_router(
+    model: Any,
+    train_examples: Sequence[Any],
+    adapter_names: Sequence[str],
+    hidden_layer: int = 2,
+    mode: str = "labels",
+    level: str = "sequence",
+    dev_examples: Sequence[Any] = (),
+    mlp_hidden: int = 64,
+    top_k: int = 1,
+    temperature: float = 1.0,
+    seed: int = 0,
+    lm_steps: int = 30,
+    progress: bool = True,
+) -> tuple[LearnedGate, dict[str, Any]]:
+    """Build and train a :class:`LearnedGate` for ``model``'s domain adapters.
+
+    ``mode="labels"`` trains on the examples' domains; ``mode="lm"`` first does that
+    (a good start) and then trains end to end through the LM loss.
+
+    Returns:
+        The trained gate (in eval mode) and its metrics.
+    """
+    torch.manual_seed(seed)
+    gate = LearnedGate(adapter_names, model.config.hidden_size, hidden_layer=hidden_layer, level=level,
+                       mlp_hidden=mlp_hidden, top_k=top_k, temperature=temperature)
+    train = [e for e in train_examples if e.domain in set(adapter_names)]
+    start = time.perf_counter()
+    features = collect_features(model, [e.prompt for e in train], hidden_layer, level=level, progress=progress)
+    labels = labels_for(train, adapter_names)
+    dev = None
+    dev_list = [e for e in dev_examples if e.domain in set(adapter_names)]
+    if dev_list:
+        dev_features = collect_features(model, [e.prompt for e in dev_list], hidden_layer, level=level)
+        dev_labels = labels_for(dev_list, adapter_names)
+        if level == "token":
+            dev_labels = dev_labels.repeat_interleave(torch.tensor(token_counts(model, [e.prompt for e in dev_list])))
+        dev = (dev_features, dev_labels)
+    if level == "token":
+        labels = labels.repeat_interleave(torch.tensor(token_counts(model, [e.prompt for e in train])))
+    feature_seconds = time.perf_counter() - start
+    metrics = train_gate_on_labels(gate, features, labels, seed=seed, dev=dev)
+    metrics["feature_seconds"] = round(feature_seconds, 2)
+    if mode == "lm":
+        metrics["lm"] = train_gate_lm(model, gate, train, steps=lm_steps, seed=seed, progress=progress)
+        if dev is not None:
+            metrics["dev_accuracy_after_lm"] = gate_accuracy(gate, *dev)
+    elif mode != "labels":
+        raise ValueError(f"Unknown router training mode {mode!r}. Choices: labels, lm.")
+    gate.metadata.update({"training": metrics, "base_fingerprint": model.base_fingerprint})
+    logger.info("Gate trained (%s): %s", mode, {k: v for k, v in metrics.items() if "accuracy" in k})
+    return gate, metrics

@@ -1,0 +1,9 @@
+"""Fixtures of the routing tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.train.helpers import one_thread
+
+single_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
