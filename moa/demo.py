@@ -73,7 +73,7 @@ def run_demo(
     retrain: bool = False,
     adapters_dir: str | None = None,
     out_dir: str | None = None,
-    limit: int = 4,
+    limit: int = 8,
     gate_examples_per_domain: int = 40,
     check_alone: bool = True,
 ) -> str:
@@ -138,19 +138,21 @@ def run_demo(
     t = time.perf_counter()
     stage(STAGES[3])
     examples = {d: load_split(d, "test") for d in domains}
+    budgets = {d: answer_token_budget(model.tokenizer, [e.answer for e in load_split(d, "train")]) for d in domains}
     if full:
-        config = EvalConfig(batch_size=24)
-        result = evaluate(model, examples, domains, gate=gate, composite=load_composite(), config=config)
+        config = EvalConfig(batch_size=32)
+        result = evaluate(model, examples, domains, gate=gate, composite=load_composite(), config=config,
+                          budgets=budgets)
         write_report(result, out / "eval")
     else:
-        config = EvalConfig(limit=limit, batch_size=24, configs=("base", "oracle", "gate"), composite=False)
-        result = evaluate(model, examples, domains, gate=gate, config=config)
+        config = EvalConfig(limit=limit, batch_size=32, configs=("base", "oracle", "gate"), composite=False)
+        result = evaluate(model, examples, domains, gate=gate, config=config, budgets=budgets)
     done(STAGES[3], t)
 
     t = time.perf_counter()
     stage(STAGES[4])
     showcase = pick_showcase(domains)
-    budget = max(answer_token_budget(model.tokenizer, [e.answer for e in load_split(d, "dev")]) for d in domains)
+    budget = max(budgets.values())
     prompts = [e.prompt for e in showcase]
     batch_start = time.perf_counter()
     answers, routing = generate_routed(model, prompts, gate, budget, batch_size=len(prompts), progress=False)

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--retrain", action="store_true",
                       help="train the five adapters again with the committed recipe (hours on a CPU)")
     demo.add_argument("--adapters", help="use this folder of adapters instead of the shipped ones")
-    demo.add_argument("--limit", type=int, default=4, help="test items per domain in the quick evaluation")
+    demo.add_argument("--limit", type=int, default=8, help="test items per domain in the quick evaluation")
     demo.add_argument("--out", help="where --full writes its report and --retrain its adapters (default demo_results)")
     demo.add_argument("--threads", type=int, help="torch CPU threads")
     demo.set_defaults(func=cmd_demo)

@@ -48,7 +48,7 @@ class AdapterRecipe:
     dropout: float = 0.05
     steps: int = 120
     steps_per_domain: tuple[tuple[str, int], ...] = (
-        ("sql", 80), ("arithmetic", 200), ("icd", 120), ("french", 120), ("code", 100),
+        ("sql", 80), ("arithmetic", 600), ("icd", 120), ("french", 400), ("code", 100),
     )
     batch_size: int = 8
     lr: float = 1e-3
