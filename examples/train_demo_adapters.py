@@ -11,7 +11,8 @@ What it does (fixed seeds, the recipe in ``moa.train.recipes.DEMO_RECIPE``):
    labels (cached layer-2 features of the train prompts) and saves it to
    ``moa/demo_adapters/router/``;
 3. writes ``moa/demo_adapters/manifest.json``: the sha256 of every shipped file, the base
-   fingerprint, and each adapter's metrics.
+   fingerprint, and each adapter's metrics; then (when writing the shipped folder) updates
+   the registry entries ``registry/adapters/<domain>.toml`` and ``docs/directory.md``.
 
 NF4 (QLoRA) rather than fp32: measured on our 2-core CPU, an SFT step costs the same on
 both (25.0 s NF4 vs 27.1 s fp32 for a batch of 8 SQL examples, 6 steps each, same run,
@@ -41,6 +42,8 @@ import torch
 import moa
 from moa.data import DOMAINS, HELD_OUT_PHRASINGS, load_split
 from moa.eval.assets import load_adapters, shipped_adapters_dir
+from moa.hub.directory import write_directory_page
+from moa.hub.registry import sync_shipped_entries
 from moa.train.recipes import DEMO_RECIPE, train_domain_adapter
 from moa.train.router import collect_features, gate_accuracy, labels_for, train_gate_on_labels, train_router
 
@@ -135,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("gate: %s", {k: v for k, v in metrics.items() if k != "lm"})
     manifest = write_manifest(out, model)
     logger.info("wrote %s: %d files, %.1f MB", out / MANIFEST, len(manifest["files"]), manifest["total_bytes"] / 1e6)
+    if out.resolve() == shipped_adapters_dir().resolve():
+        # the registry pins every shipped file: keep its entries and the directory page in step
+        changed = sync_shipped_entries(write=True)
+        write_directory_page()
+        logger.info("registry entries updated: %s", ", ".join(changed) or "none")
     return 0
 
 

@@ -50,13 +50,21 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     _quiet(args)
     target = args.target
-    if "/" not in target:  # a registry name: pinned commit and sha256s
+    if "/" not in target:  # a registry name: pinned commit (or shipped folder) and sha256s
         from moa.hub.registry import resolve
 
         entry = resolve(target)
         if args.revision:
-            raise RegistryError(f"'{target}' is a registry name, pinned to {entry.revision}; drop --revision.")
-        pulled = fetch_verified(entry.repo, kind="adapter", revision=entry.revision, pinned=entry.files,
+            pinned = f"shipped with moa ({entry.source})" if entry.source else f"pinned to {entry.revision}"
+            raise RegistryError(f"'{target}' is a registry name, {pinned}; drop --revision.")
+        if entry.source is not None:  # shipped inside the moa package: verified, no network
+            from moa.hub.pull import fetch_shipped
+
+            shipped = fetch_shipped(entry.source, pinned=entry.files, out=args.out)
+            print(f"verified shipped adapter {target} ({entry.source}, {len(shipped.files)} files, no download)")
+            print(shipped.path)
+            return 0
+        pulled = fetch_verified(str(entry.repo), kind="adapter", revision=entry.revision, pinned=entry.files,
                                 cache_dir=args.cache_dir)
         kind = "adapter"
     else:
@@ -139,7 +147,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Pulls REPO_ID (owner/name) or a registry NAME and verifies it: safe file names, safetensors only, "
             "size and rank caps, every file's hash (and a mixture's pins). Works from the HF cache when "
-            "HF_HUB_OFFLINE=1. Prints the verified local folder."
+            "HF_HUB_OFFLINE=1. A registry NAME shipped with moa (e.g. the demo adapters) is verified against "
+            "its pinned sha256s without any network. Prints the verified local folder."
         ),
     )
     pull.add_argument("target", help="Hub repo id (owner/name) or a name from 'moa registry list'")

@@ -1,4 +1,4 @@
-"""``moa registry``: list, verify and render the curated registry of adapters and plugins."""
+"""``moa registry``: list, verify, render and sync the curated registry of adapters and plugins."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.kind in ("all", "adapters"):
         print(f"adapters ({len(registry.adapters)}):")
         for name, a in sorted(registry.adapters.items()):
-            print(f"  {name:<20} {a.repo}@{a.revision[:12]}  {a.adapter_type}  {', '.join(a.domains)}")
+            print(f"  {name:<20} {a.location}  {a.adapter_type}  {', '.join(a.domains)}")
     if args.kind in ("all", "plugins"):
         print(f"plugins ({len(registry.plugins)}):")
         for name, p in sorted(registry.plugins.items()):
@@ -56,11 +56,25 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync_shipped(args: argparse.Namespace) -> int:
+    """Write (or --check) the entries of the demo adapters shipped with moa from their manifest.json."""
+    from moa.hub.registry import sync_shipped_entries
+
+    changes = sync_shipped_entries(args.registry, write=not args.check)
+    for change in changes:
+        print(change)
+    if args.check:
+        print("shipped entries: " + ("stale; run moa registry sync-shipped" if changes else "up to date"))
+        return 1 if changes else 0
+    print(f"shipped entries: {len(changes)} changed" + ("; now run moa registry render --write" if changes else ""))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``registry list | verify | render``."""
+    """Add ``registry list | verify | render | sync-shipped``."""
     registry = sub.add_parser(
         "registry",
-        help="the curated directory of adapters and plugins: list, verify, render",
+        help="the curated directory of adapters and plugins: list, verify, render, sync-shipped",
         description="Work with registry/ (or $MOA_REGISTRY): TOML entries validated against registry/schema/.",
     )
     registry.add_argument("--registry", default=None, help="registry folder (default: $MOA_REGISTRY or ./registry)")
@@ -72,7 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     listing.set_defaults(func=cmd_list)
 
     verify = actions.add_parser(
-        "verify", help="check every entry against its schema and every adapter pin against the Hub or cache"
+        "verify", help="check every entry against its schema and every adapter pin against the Hub or cache "
+                       "(shipped adapters: against the installed moa package, no network)"
     )
     verify.add_argument("--strict", action="store_true",
                         help="fail (not skip) adapters that cannot be checked because the Hub is unreachable")
@@ -85,3 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--write", action="store_true", help="write docs/directory.md")
     mode.add_argument("--check", action="store_true", help="exit 1 if docs/directory.md is stale")
     render.set_defaults(func=cmd_render)
+
+    sync = actions.add_parser(
+        "sync-shipped",
+        help="rewrite registry/adapters/ entries of the demo adapters from moa/demo_adapters/manifest.json",
+    )
+    sync.add_argument("--check", action="store_true", help="exit 1 if the entries are stale, write nothing")
+    sync.set_defaults(func=cmd_sync_shipped)

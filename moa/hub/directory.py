@@ -29,21 +29,27 @@ def render_directory_page(registry: Registry | None = None) -> str:
         "",
         "# moa directory",
         "",
-        "Curated adapters and plugins, generated from [`registry/`](../registry/README.md). Adapters are "
-        "pinned to a commit and the sha256 of every file; `moa pull NAME` fetches one and verifies it, "
-        "`moa registry verify` checks every pin.",
+        "Curated adapters and plugins, generated from [`registry/`](../registry/README.md). Every adapter "
+        "is pinned to the sha256 of each of its files: Hub adapters at a pinned commit, adapters shipped "
+        "with moa in the installed package (no download). `moa pull NAME` fetches (or copies) one and "
+        "verifies it, `moa registry verify` checks every pin.",
         "",
         "## Adapters",
         "",
     ]
     if registry.adapters:
-        lines += ["| name | repo | commit | type | base | domains | license | metrics |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| name | where | pin | type | base | domains | license | metrics | description |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, a in sorted(registry.adapters.items()):
             metrics = ", ".join(f"{k} {v:.3g}" for k, v in sorted(a.metrics.items())) or "-"
+            if a.source is not None:
+                where, pin = f"shipped with moa: [`{a.source}`](../{a.source})", f"{len(a.files)} sha256s"
+            else:
+                where, pin = f"Hub: `{a.repo}`", f"commit `{(a.revision or '')[:12]}`, {len(a.files)} sha256s"
             lines.append(
-                f"| `{name}` | `{a.repo}` | `{a.revision[:12]}` | {a.adapter_type} | `{_cell(a.base_model)}` "
-                f"({a.quantization or 'none'}) | {', '.join(a.domains)} | {a.license} | {_cell(metrics)} |"
+                f"| `{name}` | {where} | {pin} | {a.adapter_type} | `{_cell(a.base_model)}` "
+                f"({a.quantization or 'none'}) | {', '.join(a.domains)} | {a.license} | {_cell(metrics)} | "
+                f"{_cell(a.description) or '-'} |"
             )
     else:
         lines.append("No adapters are registered yet. See [`registry/adapters/README.md`]"

@@ -8,11 +8,17 @@ when given, against pinned sha256s. A file that fails is removed from the cache 
 nothing is returned. With ``HF_HUB_OFFLINE=1`` the files come from the HF cache, checked
 against the content-addressed blob names the cache keeps.
 
+Registry entries pull by name (:func:`pull_registered`): a Hub entry at its pinned commit and
+sha256s, a *shipped* entry (an adapter inside the moa package, e.g. ``moa/demo_adapters/sql``)
+without any network, its files checked against the registry's sha256s
+(:func:`fetch_shipped`).
+
 Example::
 
     from moa.hub import pull_adapter
     folder = pull_adapter("alice/sql-lora", revision="v1")   # local, verified PEFT folder
     model.load_adapter(folder, adapter_name="sql")
+    folder = pull_registered("sql")                           # registry name, verified against its pins
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import moa
 from moa.adapters.peft_format import CONFIG_NAME, MOA_METADATA_NAME, WEIGHTS_NAME
-from moa.errors import AdapterFormatError, HubError, IntegrityError, MoaError
+from moa.errors import AdapterFormatError, HubError, IntegrityError, MoaError, RegistryError
 from moa.hub.verify import (
     Limits,
     RemoteFile,
@@ -41,6 +49,7 @@ from moa.hub.verify import (
     is_pickle_name,
     sha256_file,
     verify_digests,
+    verify_folder_exact,
 )
 
 logger = logging.getLogger(__name__)
@@ -374,6 +383,145 @@ def pull_adapter(
     ).path
 
 
+@dataclass(frozen=True)
+class ShippedAdapter:
+    """A verified adapter shipped inside the moa package (a registry entry with ``source``).
+
+    Attributes:
+        source: Its folder relative to the repository root, e.g. ``moa/demo_adapters/sql``.
+        path: Local folder holding the verified files: inside the installed package, or the copy asked for.
+        files: File name -> sha256 of every file.
+    """
+
+    source: str
+    path: Path
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def shipped_folder(source: str) -> Path:
+    """The folder of a shipped adapter in the installed moa package.
+
+    ``source`` is relative to the repository root and starts with ``moa/``; it is resolved
+    against the installed package (``moa/demo_adapters/sql`` -> ``<moa package>/demo_adapters/sql``),
+    so it works from a source checkout and from a pip install alike.
+
+    Raises:
+        RegistryError: ``source`` is not ``moa/...``, or the folder is not in the installed package.
+    """
+    parts = source.split("/") if isinstance(source, str) else []
+    if len(parts) < 2 or parts[0] != "moa" or any(part in ("", ".", "..") for part in parts) or "\\" in source:
+        raise RegistryError(
+            f"Shipped adapter source {source!r} must be a folder inside the moa package, relative to the "
+            f"repository root, e.g. 'moa/demo_adapters/sql'. Fix 'source' in its registry/adapters/*.toml."
+        )
+    package = Path(moa.__file__).resolve().parent
+    folder = package.joinpath(*parts[1:])
+    if not folder.is_dir():
+        raise RegistryError(
+            f"Shipped adapter {source!r} is not in the installed moa package (no folder {str(folder)!r}). "
+            f"Reinstall moa (pip install --force-reinstall moa), or fix 'source' in its registry entry."
+        )
+    return folder
+
+
+def fetch_shipped(
+    source: str,
+    *,
+    pinned: Mapping[str, str],
+    out: str | os.PathLike | None = None,
+    limits: Limits | None = None,
+) -> ShippedAdapter:
+    """Verify an adapter shipped inside the moa package against its pins; no network.
+
+    The folder must hold exactly the pinned files with the pinned sha256s (a missing, extra
+    or changed file raises, naming it with both hashes); then the adapter config's ranks and
+    the safetensors header are checked as for a Hub pull. With ``out``, the files are copied
+    there (atomically) and the copy is verified again, so ``out`` holds exactly what was pinned.
+
+    Args:
+        source: ``moa/...`` folder, as in the registry entry.
+        pinned: File name -> sha256 (the entry's ``files``).
+        out: Folder to copy the verified files to (replaced if it exists); default: none, the
+            package folder itself is returned.
+        limits: Rank cap (default :meth:`Limits.from_env`).
+
+    Raises:
+        RegistryError: bad ``source`` or folder missing from the installed package.
+        UnsafeFileError: an unsafe or pickle file name among the pins.
+        IntegrityError: files differ from the pins.
+        AdapterFormatError, AdapterShapeError: bad config or safetensors file.
+    """
+    limits = limits or Limits.from_env()
+    where = f"shipped adapter {source!r}"
+    for name in pinned:
+        check_file_name(name, where)
+        check_not_pickle(name, where)
+    folder = shipped_folder(source)
+    next_step = ("The installed moa package's files differ from its registry entry: reinstall moa; if the demo "
+                 "adapters were retrained, run 'moa registry sync-shipped' and 'moa registry render --write'.")
+    digests = verify_folder_exact(folder, pinned, where, next_step)
+    if out is not None:
+        from moa.atomic import atomic_directory
+
+        with atomic_directory(out) as tmp:
+            for name in sorted(pinned):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / name, tmp / name)
+            digests = verify_folder_exact(tmp, pinned, f"the copy of {where}", "Copy it again.")
+            _check_adapter_files(tmp, limits.max_rank, where)
+        folder = Path(out)
+    else:
+        _check_adapter_files(folder, limits.max_rank, where)
+    logger.info("Verified %s (%d files, no download) -> %s", where, len(digests), folder)
+    return ShippedAdapter(source=source, path=folder, files=digests)
+
+
+def pull_registered(
+    name: str,
+    *,
+    out: str | os.PathLike | None = None,
+    registry: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    max_rank: int | None = None,
+) -> Path:
+    """Pull a registered adapter by name, verified against the sha256s its entry pins; return its folder.
+
+    A Hub entry is fetched at its pinned commit (a snapshot in the HF cache); a shipped entry
+    is checked in the installed moa package, with no network. With ``out``, the verified files
+    are copied there and that folder is returned.
+
+    Args:
+        name: A name from ``moa registry list``.
+        out: Folder to copy the verified files to (replaced if it exists).
+        registry: Registry folder (default ``$MOA_REGISTRY`` or the checkout's ``registry/``).
+        cache_dir, token: For the Hub client (Hub entries only).
+        max_rank: Rank cap (default 256).
+
+    Raises:
+        RegistryError: unknown name (listing the registered ones) or invalid registry.
+        HubError, UnsafeFileError, IntegrityError, AdapterFormatError, AdapterShapeError.
+    """
+    from moa.hub.registry import load_registry, resolve
+
+    entry = resolve(name, load_registry(registry))
+    limits = Limits.from_env(max_rank)
+    if entry.source is not None:
+        return fetch_shipped(entry.source, pinned=entry.files, out=out, limits=limits).path
+    pulled = fetch_verified(str(entry.repo), kind="adapter", revision=entry.revision, pinned=entry.files,
+                            cache_dir=cache_dir, token=token, limits=limits)
+    if out is None:
+        return pulled.path
+    from moa.atomic import atomic_directory
+
+    with atomic_directory(out) as tmp:
+        for file in pulled.files:
+            (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pulled.path / file, tmp / file)
+        verify_digests(tmp, entry.files, f"the copy of {entry.location}")
+    return Path(out)
+
+
 def pull_router(
     repo_id: str,
     *,
@@ -428,11 +576,15 @@ __all__ = [
     "ROUTER_FILES",
     "ROUTER_WEIGHTS_NAME",
     "PulledRepo",
+    "ShippedAdapter",
     "check_repo_id",
+    "fetch_shipped",
     "fetch_verified",
     "is_offline",
     "load_router_folder",
     "pull_adapter",
+    "pull_registered",
     "pull_router",
     "router_type_of",
+    "shipped_folder",
 ]

@@ -1,9 +1,11 @@
 """The curated registry (``registry/``): adapters and plugins as TOML files, checked against schemas.
 
 ``load_registry()`` reads and validates every entry; ``resolve(name)`` finds an adapter for
-``moa pull NAME``; ``verify_registry()`` checks every adapter pin against the Hub (or the HF
-cache) and every plugin entry against its package's ``pyproject.toml`` when the package
-lives in this repository.
+``moa pull NAME``; ``verify_registry()`` checks every adapter pin — against the Hub (or the
+HF cache) for a Hub entry, against the files inside the installed moa package for a shipped
+entry — and every plugin entry against its package's ``pyproject.toml`` when the package
+lives in this repository. ``sync_shipped_entries()`` (re)writes the shipped entries of the
+demo adapters from ``moa/demo_adapters/manifest.json``.
 
 The registry folder is ``$MOA_REGISTRY`` if set, else ``registry/`` next to the ``moa``
 package in a source checkout.
@@ -11,7 +13,8 @@ package in a source checkout.
 Example::
 
     from moa.hub.registry import load_registry, resolve
-    entry = resolve("sql")                  # AdapterEntry: repo, revision, files...
+    entry = resolve("sql")                  # AdapterEntry: source (or repo, revision), files...
+    entry.is_shipped                        # True: its files are inside the moa package
 """
 
 from __future__ import annotations
@@ -42,11 +45,17 @@ _SCHEMAS = {"adapters": "adapter.schema.json", "plugins": "plugin.schema.json"}
 
 @dataclass(frozen=True)
 class AdapterEntry:
-    """A registered adapter (see ``registry/schema/adapter.schema.json``)."""
+    """A registered adapter (see ``registry/schema/adapter.schema.json``).
+
+    A *Hub entry* has ``repo`` and ``revision`` (a pinned commit) and ``source`` ``None``; a
+    *shipped entry* has ``source``, a folder inside the moa package relative to the repository
+    root (e.g. ``moa/demo_adapters/sql``), and ``repo`` / ``revision`` ``None``. Both pin
+    ``files``: every file name -> its sha256.
+    """
 
     name: str
-    repo: str
-    revision: str
+    repo: str | None
+    revision: str | None
     adapter_type: str
     base_model: str
     base_fingerprint: str
@@ -57,6 +66,19 @@ class AdapterEntry:
     description: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
+    source: str | None = None
+
+    @property
+    def is_shipped(self) -> bool:
+        """Whether the adapter's files ship inside the moa package (``source``) rather than on the Hub."""
+        return self.source is not None
+
+    @property
+    def location(self) -> str:
+        """Where its files are: ``owner/name@<commit[:12]>``, or ``shipped: moa/demo_adapters/sql``."""
+        if self.source is not None:
+            return f"shipped: {self.source}"
+        return f"{self.repo}@{(self.revision or '')[:12]}"
 
 
 @dataclass(frozen=True)
@@ -157,10 +179,11 @@ def _entry(kind: str, data: dict[str, Any], path: Path) -> AdapterEntry | Plugin
     if kind == "adapters":
         base = data["base"]
         return AdapterEntry(
-            name=data["name"], repo=data["repo"], revision=data["revision"], adapter_type=data["adapter_type"],
-            base_model=base["model_id"], base_fingerprint=base["fingerprint"], files=dict(data["files"]),
-            domains=list(data["domains"]), license=data["license"], quantization=base.get("quantization"),
-            description=data.get("description", ""), metrics=dict(data.get("metrics", {})), path=path,
+            name=data["name"], repo=data.get("repo"), revision=data.get("revision"),
+            adapter_type=data["adapter_type"], base_model=base["model_id"], base_fingerprint=base["fingerprint"],
+            files=dict(data["files"]), domains=list(data["domains"]), license=data["license"],
+            quantization=base.get("quantization"), description=data.get("description", ""),
+            metrics=dict(data.get("metrics", {})), path=path, source=data.get("source"),
         )
     point = data["entry_point"]
     return PluginEntry(
@@ -193,27 +216,40 @@ def verify_registry(
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
 ) -> list[VerifyResult]:
-    """Check every entry: adapter pins (sha256 of every file at the pinned commit) and plugin sources.
+    """Check every entry: adapter pins (sha256 of every file) and plugin sources.
+
+    A Hub entry is fetched at its pinned commit and every file checked against its pin. A
+    shipped entry is checked without any network: the files of its ``source`` folder inside
+    the installed moa package must be exactly the pinned ones, with the pinned sha256s (a
+    missing, extra or changed file fails, named with both hashes).
 
     Args:
         root: Registry folder (default :func:`registry_root`).
         offline_ok: When the Hub cannot be reached, verify from the HF cache instead, and
-            report an adapter that is not cached as ``skipped`` rather than ``failed``.
+            report a Hub adapter that is not cached as ``skipped`` rather than ``failed``.
         cache_dir, token: For the Hub client.
 
     Returns:
         One :class:`VerifyResult` per entry. Schema problems raise :class:`RegistryError` first.
     """
-    from moa.hub.pull import fetch_verified, is_offline
+    from moa.hub.pull import fetch_shipped, fetch_verified, is_offline
 
     registry = load_registry(root)
     results = []
     for entry in registry.adapters.values():
+        if entry.source is not None:
+            try:
+                shipped = fetch_shipped(entry.source, pinned=entry.files)
+                results.append(VerifyResult("adapter", entry.name, "ok",
+                                            f"{entry.source} (shipped with moa, {len(shipped.files)} files)"))
+            except MoaError as error:
+                results.append(VerifyResult("adapter", entry.name, "failed", str(error)))
+            continue
         try:
-            pulled = fetch_verified(entry.repo, kind="adapter", revision=entry.revision, pinned=entry.files,
+            pulled = fetch_verified(str(entry.repo), kind="adapter", revision=entry.revision, pinned=entry.files,
                                     cache_dir=cache_dir, token=token, cache_fallback=offline_ok)
             status = "cached" if pulled.from_cache else "ok"
-            results.append(VerifyResult("adapter", entry.name, status, f"{entry.repo}@{entry.revision[:12]}"))
+            results.append(VerifyResult("adapter", entry.name, status, entry.location))
         except HubError as error:
             skipped = offline_ok and is_offline()
             results.append(VerifyResult("adapter", entry.name, "skipped" if skipped else "failed", str(error)))
@@ -245,6 +281,128 @@ def _verify_plugin(repo_root: Path, entry: PluginEntry) -> VerifyResult:
     return VerifyResult("plugin", entry.name, "ok", f"{entry.source} matches")
 
 
+# --- shipped entries of the demo adapters, generated from their manifest ------------------
+
+#: The demo adapters' manifest inside the moa package, and the ``source`` prefix of their entries.
+SHIPPED_MANIFEST = Path("demo_adapters") / "manifest.json"
+SHIPPED_PREFIX = "moa/demo_adapters/"
+_SHIPPED_HEADER = (
+    "# moa registry: adapter entry (schema: registry/schema/adapter.schema.json)\n"
+    "# Generated from moa/demo_adapters/manifest.json by 'moa registry sync-shipped'; do not edit.\n"
+)
+_SHIPPED_DESCRIPTIONS = {
+    "sql": "Demo text-to-SQL LoRA: a question about the Chinook database -> one SQLite query.",
+    "arithmetic": "Demo arithmetic LoRA: 2-3 small integer terms with + and - (sometimes a product) -> the number.",
+    "icd": "Demo medical-coding LoRA: an ICD-10-CM diagnosis description -> its chapter title.",
+    "french": "Demo French LoRA: numbers in words, dates and country names -> French text.",
+    "code": "Demo Python LoRA: a described operation over filtered numbers -> solve(nums).",
+}
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string (JSON's escapes are all valid TOML escapes)."""
+    return json.dumps(value)
+
+
+def render_shipped_entries(manifest: str | os.PathLike | None = None) -> dict[str, str]:
+    """The TOML text of the registry entry of every demo adapter, by name.
+
+    Each adapter folder of the manifest (one holding ``adapter_config.json``) becomes a
+    shipped entry: ``source = "moa/demo_adapters/<name>"``, the base model, fingerprint and
+    quantization of the manifest, the sha256 of every file of that folder, and its
+    ``dev_accuracy``.
+
+    Args:
+        manifest: ``manifest.json`` to read (default: the one inside the installed moa package).
+
+    Raises:
+        RegistryError: the manifest is unreadable or lacks ``files``, ``base_model`` or
+            ``base_fingerprint``.
+    """
+    path = Path(manifest) if manifest else Path(moa.__file__).resolve().parent / SHIPPED_MANIFEST
+    try:
+        data = json.loads(path.read_text())
+        files: dict[str, str] = data["files"]
+        base = (data["base_model"], data["base_fingerprint"], data.get("quantization") or "none")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RegistryError(
+            f"Cannot read the demo adapters' manifest {str(path)!r} ({type(error).__name__}: {error}); it needs "
+            f"'files', 'base_model' and 'base_fingerprint'. Regenerate it by retraining (moa demo) or restore it."
+        ) from error
+    by_folder: dict[str, dict[str, str]] = {}
+    for key, digest in files.items():
+        folder, _, name = key.partition("/")
+        by_folder.setdefault(folder, {})[name] = digest
+    entries = {}
+    for name, pins in sorted(by_folder.items()):
+        if "adapter_config.json" not in pins:  # e.g. router/
+            continue
+        accuracy = data.get("metrics", {}).get(name, {}).get("dev_accuracy")
+        lines = [
+            _SHIPPED_HEADER.rstrip("\n"),
+            f"name = {_toml_string(name)}",
+            f"source = {_toml_string(SHIPPED_PREFIX + name)}",
+            'adapter_type = "lora"',
+            f"description = {_toml_string(_SHIPPED_DESCRIPTIONS.get(name, f'Demo LoRA for the {name} domain.'))}",
+            f"domains = [{_toml_string(name)}]",
+            'license = "apache-2.0"',
+            "",
+            "[base]",
+            f"model_id = {_toml_string(base[0])}",
+            f"fingerprint = {_toml_string(base[1])}",
+            f"quantization = {_toml_string(base[2])}",
+            "",
+            "[files]",
+            *(f"{_toml_string(file)} = {_toml_string(digest)}" for file, digest in sorted(pins.items())),
+        ]
+        if isinstance(accuracy, (int, float)):
+            lines += ["", "[metrics]", f"dev_accuracy = {float(accuracy)!r}"]
+        entries[name] = "\n".join(lines) + "\n"
+    return entries
+
+
+def sync_shipped_entries(
+    root: str | os.PathLike | None = None, *, write: bool = True, manifest: str | os.PathLike | None = None
+) -> list[str]:
+    """Make ``adapters/<name>.toml`` of every demo adapter match :func:`render_shipped_entries`.
+
+    Writes missing or stale entries and removes entries whose ``source`` is under
+    ``moa/demo_adapters/`` but which the manifest no longer lists. Run it (``moa registry
+    sync-shipped``) after retraining the demo adapters, then ``moa registry render --write``.
+
+    Args:
+        root: Registry folder (default :func:`registry_root`).
+        write: ``False`` changes nothing and only reports (what ``--check`` and the tests use).
+        manifest: ``manifest.json`` to read (default: the installed package's).
+
+    Returns:
+        What differs (or was changed), e.g. ``["adapters/sql.toml: stale"]``; empty when up to date.
+    """
+    from moa.atomic import atomic_write_bytes
+
+    folder = registry_root(root) / "adapters"
+    wanted = render_shipped_entries(manifest)
+    changes = []
+    for name, text in wanted.items():
+        path = folder / f"{name}.toml"
+        if not path.is_file() or path.read_text() != text:
+            changes.append(f"adapters/{path.name}: {'stale' if path.is_file() else 'missing'}")
+            if write:
+                atomic_write_bytes(path, text.encode())
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            source = tomllib.loads(path.read_text()).get("source", "")
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            continue
+        if path.stem not in wanted and isinstance(source, str) and source.startswith(SHIPPED_PREFIX):
+            changes.append(f"adapters/{path.name}: not in the manifest")
+            if write:
+                path.unlink()
+    if changes:
+        logger.info("Shipped registry entries %s: %s", "synced" if write else "out of date", "; ".join(changes))
+    return changes
+
+
 __all__ = [
     "AdapterEntry",
     "PluginEntry",
@@ -252,6 +410,8 @@ __all__ = [
     "VerifyResult",
     "load_registry",
     "registry_root",
+    "render_shipped_entries",
     "resolve",
+    "sync_shipped_entries",
     "verify_registry",
 ]

@@ -4,7 +4,7 @@ It implements the keywords ``registry/schema/*.schema.json`` use — ``type``, `
 ``const``, ``properties``, ``required``, ``additionalProperties``, ``patternProperties``,
 ``propertyNames``, ``minProperties``, ``items``, ``minItems``, ``maxItems``,
 ``uniqueItems``, ``pattern``, ``minLength``, ``maxLength``, ``minimum``, ``maximum``,
-``exclusiveMinimum``, ``anyOf``, ``$ref`` (``#/$defs/...``) — and ignores annotations
+``exclusiveMinimum``, ``anyOf``, ``oneOf``, ``not``, ``$ref`` (``#/$defs/...``) — and ignores annotations
 (``title``, ``description``, ``examples``, ``default``, ``format``...). A schema using any
 other keyword is rejected, so a schema never silently means more than is checked.
 Being dependency-free keeps ``moa registry verify`` working wherever moa is installed.
@@ -154,6 +154,41 @@ def _by_kind(instance: Any, rule: Any, schema: Mapping, root: Mapping, path: str
     return []
 
 
+def _short(instance: Any, limit: int = 60) -> str:
+    """``repr(instance)``, cut to ``limit`` characters for messages."""
+    text = repr(instance)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _form(subschema: Mapping[str, Any], index: int) -> str:
+    """How an error names one alternative of ``oneOf``: its ``title``, else its position."""
+    return str(subschema.get("title") or f"form {index + 1}")
+
+
+def _one_of(instance: Any, rule: list[Mapping[str, Any]], schema: Mapping, root: Mapping, path: str) -> list[str]:
+    """Exactly one alternative must match; the error names each one and why it did not (or that several did)."""
+    outcomes = [validate(instance, sub, root, path) for sub in rule]
+    matched = [_form(sub, i) for i, (sub, errors) in enumerate(zip(rule, outcomes, strict=True)) if not errors]
+    if len(matched) == 1:
+        return []
+    if matched:
+        return [f"{path or '/'}: {_short(instance)} matches more than one of the allowed forms ({', '.join(matched)})"]
+    here = f"{path or '/'}: "
+    reasons = "; ".join(
+        f"{_form(sub, i)}: {', '.join(e.removeprefix(here) for e in errors)}" for i, (sub, errors) in
+        enumerate(zip(rule, outcomes, strict=True))
+    )
+    return [f"{path or '/'}: matches none of the allowed forms ({reasons})"]
+
+
+def _not(instance: Any, rule: Mapping[str, Any], schema: Mapping, root: Mapping, path: str) -> list[str]:
+    """The subschema must fail; its ``description`` (if any) says what is forbidden."""
+    if validate(instance, rule, root, path):
+        return []
+    what = rule.get("description") or f"match {_short(dict(rule))}"
+    return [f"{path or '/'}: must not {what}"]
+
+
 def _once(instance: Any, rule: Any, schema: Mapping, root: Mapping, path: str, key: str = "") -> list[str]:
     first = next(k for k in schema if k in _KIND_KEYWORDS)
     return _by_kind(instance, rule, schema, root, path) if key == first else []
@@ -169,6 +204,8 @@ _KEYWORDS: dict[str, Any] = {
     "const": lambda i, r, s, root, p: [] if i == r else [f"{p or '/'}: {i!r} must be {r!r}"],
     "anyOf": lambda i, r, s, root, p: [] if any(not validate(i, sub, root, p) for sub in r)
     else [f"{p or '/'}: {i!r} matches none of the allowed forms"],
+    "oneOf": _one_of,
+    "not": _not,
     **{k: (lambda key: lambda i, r, s, root, p: _once(i, r, s, root, p, key))(k) for k in _KIND_KEYWORDS},
 }
 

@@ -1,4 +1,4 @@
-"""Checks on files that come from the Hub: names, formats, sizes, ranks and hashes.
+"""Checks on files that come from the Hub (or ship inside moa): names, formats, sizes, ranks and hashes.
 
 Everything here runs *before* a byte is loaded into a model: file names from a listing
 (never absolute, never ``..``, never a backslash), the format (safetensors only, pickles
@@ -219,6 +219,42 @@ def verify_digests(folder: Path, expected: Mapping[str, str], source: str) -> di
     return actual
 
 
+def verify_folder_exact(folder: Path, expected: Mapping[str, str], source: str, next_step: str) -> dict[str, str]:
+    """Check that ``folder`` holds exactly the pinned files (recursively), each with its pinned sha256.
+
+    Used for adapters shipped inside the moa package, where the whole folder is pinned, so
+    an unpinned extra file fails as well (``__pycache__`` folders are ignored).
+
+    Args:
+        folder: The folder to check.
+        expected: File name (POSIX path relative to ``folder``) -> sha256.
+        source: What the folder is, for messages.
+        next_step: What to do when it does not match, appended to the message.
+
+    Returns:
+        File name -> sha256 of every file.
+
+    Raises:
+        IntegrityError: naming every missing, unpinned or changed file with its expected and actual sha256.
+    """
+    present = sorted(
+        path.relative_to(folder).as_posix() for path in folder.rglob("*")
+        if path.is_file() and "__pycache__" not in path.relative_to(folder).parts
+    )
+    actual = {name: sha256_file(folder / name) for name in present}
+    problems = [f"{name!r} is missing (pinned sha256 {want})" for name, want in sorted(expected.items())
+                if name not in actual]
+    problems += [f"{name!r} has sha256 {digest}, pinned {expected[name]}" for name, digest in actual.items()
+                 if name in expected and digest != expected[name]]
+    problems += [f"{name!r} is not pinned (sha256 {digest})" for name, digest in actual.items() if name not in expected]
+    if problems:
+        raise IntegrityError(
+            f"Files of {source} ({folder}) do not match their pinned sha256s: {'; '.join(problems)}. Nothing was "
+            f"loaded. {next_step}"
+        )
+    return actual
+
+
 def check_sha256_hex(value: Any, what: str) -> str:
     """Return ``value`` if it is a lowercase 64-hex sha256, else raise :class:`IntegrityError`."""
     if not isinstance(value, str) or not _HEX64.match(value):
@@ -306,4 +342,5 @@ __all__ = [
     "is_pickle_name",
     "sha256_file",
     "verify_digests",
+    "verify_folder_exact",
 ]
