@@ -27,7 +27,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if gate is None:
         print(f"no gate at {gate_dir}: skipping the learned gate (train one with 'moa train-router')")
     configs = tuple(args.configs.split(",")) if args.configs else EvalConfig.configs
-    config = EvalConfig(limit=args.limit, batch_size=args.batch_size, configs=configs,
+    config = EvalConfig(limit=args.limit, matrix_limit=args.matrix_limit, batch_size=args.batch_size, configs=configs,
                         composite=not args.no_composite)
     examples = {d: load_split(d, args.split) for d in domains}
     composite = load_composite() if config.composite else []
@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapters", help="folder of adapter folders named by domain (default: the shipped ones)")
     p.add_argument("--router", help="learned-gate folder (default: <adapters>/router)")
     p.add_argument("--limit", type=int, help="test examples per domain (default: all)")
+    p.add_argument("--matrix-limit", type=int,
+                   help="run the off-diagonal matrix cells (adapter A on domain B) on only the first N "
+                        "examples of each domain; the diagonal, base, gate and uniform still use all")
     p.add_argument("--split", default="test", choices=["test", "dev"])
     p.add_argument("--domains", help="comma-separated subset of domains")
     p.add_argument("--configs", help="comma-separated subset of: base,matrix,oracle,gate,uniform")

@@ -58,6 +58,7 @@ def summarise(
             "answer": e.answer, "correct": job.correct, "routing": job.routing,
         })
     matrix = {d: {a: _mean(by[(d, f"adapter:{a}")]) for a in adapters} for d in domains}
+    matrix_examples = {d: {a: len(by[(d, f"adapter:{a}")]) for a in adapters} for d in domains}
     scores: dict[str, dict[str, float | None]] = {}
     for d in domains:
         oracle = matrix[d].get(d) if by[(d, f"adapter:{d}")] else _mean(by[(d, "oracle")])
@@ -81,11 +82,13 @@ def summarise(
         "max_new_tokens": dict(budgets),
         "scores": scores,
         "matrix": matrix,
+        "matrix_examples": matrix_examples,
         "routing": routing,
         "composite": {"examples": len(composite), "scores": composite_scores, "routing": composite_routing},
         "gate": gate.config_dict() if hasattr(gate, "config_dict") else (repr(gate) if gate else None),
         "timings": {k: round(v, 2) for k, v in timings.items()},
-        "config": {"limit": config.limit, "batch_size": config.batch_size, "configs": list(config.configs)},
+        "config": {"limit": config.limit, "matrix_limit": getattr(config, "matrix_limit", None),
+                   "batch_size": config.batch_size, "configs": list(config.configs)},
         "records": records,
         "unknown_domains": sorted({r["domain"] for r in records} - domain_set - {"composite"}),
     }
@@ -118,6 +121,17 @@ def _routing_summary(jobs: Sequence[Any], domains: Sequence[str], labels: Sequen
     }
 
 
+def _matrix_sizes_note(result: Mapping[str, Any]) -> list[str]:
+    """A line saying how many examples the off-diagonal cells used, when fewer than the diagonal's."""
+    sizes = result.get("matrix_examples") or {}
+    off = sorted({n for d, row in sizes.items() for a, n in row.items() if a != d and n})
+    diagonal = sorted({row.get(d, 0) for d, row in sizes.items()})
+    if not off or off == diagonal:
+        return []
+    span = f"{off[0]}" if len(off) == 1 else f"{off[0]}-{off[-1]}"
+    return [f"Diagonal cells on every test example; off-diagonal cells on the first {span} of each domain.", ""]
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
@@ -142,6 +156,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
               f"{_pct(r['overall_held_out'])} %.", ""]
     if any(v is not None for row in result["matrix"].values() for v in row.values()):
         lines += ["## Domain × adapter matrix (% correct; rows: test domain, columns: adapter)", "",
+                  *_matrix_sizes_note(result),
                   "| domain \\ adapter | " + " | ".join(adapters) + " |",
                   "|---|" + "---|" * len(adapters)]
         for d in domains:

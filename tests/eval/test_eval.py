@@ -100,3 +100,19 @@ def test_oracle_runs_on_its_own_without_the_matrix(routed_model):
     assert {r["config"] for r in result["records"]} == {"oracle"}
     assert all(result["scores"][d]["oracle"] is not None for d in TOY_DOMAINS)
     assert "Domain × adapter" not in render_markdown(result)
+
+
+def test_matrix_limit_cuts_only_the_off_diagonal_cells(routed_model):
+    model, _ = routed_model
+    examples = {d: [e for e in toy_examples(3, seed=9) if e.domain == d] for d in TOY_DOMAINS}
+    full = evaluate(model, examples, list(TOY_DOMAINS), gate=None,
+                    config=EvalConfig(configs=("matrix",), progress=False, composite=False))
+    cut = evaluate(model, examples, list(TOY_DOMAINS), gate=None,
+                   config=EvalConfig(configs=("matrix",), matrix_limit=1, progress=False, composite=False))
+    for d in TOY_DOMAINS:
+        for a in TOY_DOMAINS:
+            assert cut["matrix_examples"][d][a] == (3 if a == d else 1)
+            assert full["matrix_examples"][d][a] == 3
+        assert cut["scores"][d]["oracle"] == full["scores"][d]["oracle"]  # the diagonal is untouched
+    assert "off-diagonal cells on the first 1 of each domain" in render_markdown(cut)
+    assert "off-diagonal" not in render_markdown(full)
