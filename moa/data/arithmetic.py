@@ -3,6 +3,11 @@
 Operands of ``+``/``-`` are 0-99; a product (one in five expressions) has two factors
 of 2-12. Usual precedence applies (``3 × 4 + 5`` is 17). An expression string never
 appears in two splits. Scoring: the last number in the prediction equals the value.
+
+The answer is the worked reduction, one operation per step, ending with the value:
+``23 + 45 - 12 = 68 - 12 = 56``. A 135M model cannot add three two-digit numbers in one
+token reliably, but it can copy an expression and do one two-operand step at a time
+(the same data with bare answers reached 23 % dev accuracy after 600 steps).
 """
 
 from __future__ import annotations
@@ -50,6 +55,24 @@ def evaluate(terms: list[int], ops: list[str]) -> int:
     return total
 
 
+def worked_answer(terms: list[int], ops: list[str]) -> str:
+    """The reduction of ``terms``/``ops`` one operation per step: ``3 × 4 + 5 = 12 + 5 = 17``.
+
+    Products are folded first (usual precedence), then ``+``/``-`` left to right; the last
+    number is always the value (:func:`evaluate`), which is all the metric reads.
+    """
+    terms, ops = list(terms), list(ops)
+    steps = [render(terms, ops)]
+    while ops:
+        i = ops.index(TIMES) if TIMES in ops else 0
+        a, b, op = terms[i], terms[i + 1], ops[i]
+        folded = a * b if op == TIMES else a + b if op == "+" else a - b
+        terms[i:i + 2] = [folded]
+        del ops[i]
+        steps.append(render(terms, ops))
+    return " = ".join(steps)
+
+
 def random_expression(rng: random.Random) -> tuple[list[int], list[str]]:
     """Draw one expression: 2 or 3 terms, ``+``/``-``, at most one small product."""
     n_terms = 2 if rng.randrange(5) < 2 else 3
@@ -80,6 +103,6 @@ def generate() -> dict[str, list[Example]]:
             value = evaluate(terms, ops)
             k = next(phrasings)
             meta = {"expression": expr, "value": value}
-            items.append((PHRASINGS[k].format(expr=expr), str(value), k, meta))
+            items.append((PHRASINGS[k].format(expr=expr), worked_answer(terms, ops), k, meta))
         out[split] = make_examples(DOMAIN, split, items)
     return {s: out[s] for s in ("train", "dev", "test")}
