@@ -460,18 +460,9 @@ def fetch_shipped(
     next_step = ("The installed moa package's files differ from its registry entry: reinstall moa; if the demo "
                  "adapters were retrained, run 'moa registry sync-shipped' and 'moa registry render --write'.")
     digests = verify_folder_exact(folder, pinned, where, next_step)
+    _check_adapter_files(folder, limits.max_rank, where)
     if out is not None:
-        from moa.atomic import atomic_directory
-
-        with atomic_directory(out) as tmp:
-            for name in sorted(pinned):
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(folder / name, tmp / name)
-            digests = verify_folder_exact(tmp, pinned, f"the copy of {where}", "Copy it again.")
-            _check_adapter_files(tmp, limits.max_rank, where)
-        folder = Path(out)
-    else:
-        _check_adapter_files(folder, limits.max_rank, where)
+        folder = _copy_verified(folder, pinned, out, f"the copy of {where}")
     logger.info("Verified %s (%d files, no download) -> %s", where, len(digests), folder)
     return ShippedAdapter(source=source, path=folder, files=digests)
 
@@ -510,15 +501,18 @@ def pull_registered(
         return fetch_shipped(entry.source, pinned=entry.files, out=out, limits=limits).path
     pulled = fetch_verified(str(entry.repo), kind="adapter", revision=entry.revision, pinned=entry.files,
                             cache_dir=cache_dir, token=token, limits=limits)
-    if out is None:
-        return pulled.path
+    return pulled.path if out is None else _copy_verified(pulled.path, entry.files, out, f"the copy of {entry.location}")
+
+
+def _copy_verified(folder: Path, pinned: Mapping[str, str], out: str | os.PathLike, where: str) -> Path:
+    """Copy the pinned files of a verified ``folder`` into ``out`` (atomically) and verify the copy."""
     from moa.atomic import atomic_directory
 
     with atomic_directory(out) as tmp:
-        for file in pulled.files:
-            (tmp / file).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(pulled.path / file, tmp / file)
-        verify_digests(tmp, entry.files, f"the copy of {entry.location}")
+        for name in sorted(pinned):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, tmp / name)
+        verify_digests(tmp, pinned, where)
     return Path(out)
 
 
