@@ -501,7 +501,9 @@ def pull_registered(
         return fetch_shipped(entry.source, pinned=entry.files, out=out, limits=limits).path
     pulled = fetch_verified(str(entry.repo), kind="adapter", revision=entry.revision, pinned=entry.files,
                             cache_dir=cache_dir, token=token, limits=limits)
-    return pulled.path if out is None else _copy_verified(pulled.path, entry.files, out, f"the copy of {entry.location}")
+    if out is None:
+        return pulled.path
+    return _copy_verified(pulled.path, entry.files, out, f"the copy of {entry.location}")
 
 
 def _copy_verified(folder: Path, pinned: Mapping[str, str], out: str | os.PathLike, where: str) -> Path:
