@@ -61,13 +61,12 @@ def transposed_unit_stack(stack: LoraStack, packed: PackedLora | None = None) ->
             (id(t), t._version) if t is not None else None  # noqa: SLF001 - public tensor attr
             for t in (*lora_a, *lora_b)
         )
-        transposed._packed = PackedLora(  # noqa: SLF001 - seeding the cache of our own object
+        transposed.seed_packed(key, PackedLora(
             lora_a=packed.lora_b,
             lora_b=packed.lora_a,
             rank_offsets=packed.rank_offsets,
             scales=torch.ones_like(packed.scales),
-        )
-        transposed._packed_key = key  # noqa: SLF001
+        ))
     return transposed
 
 
@@ -150,7 +149,11 @@ class LoraMixtureFunction(torch.autograd.Function):
 
 
 def lora_mixture(
-    x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: torch.Tensor
+    x: torch.Tensor,
+    stack: LoraStack,
+    meta: RoutingMetadata,
+    out: torch.Tensor,
+    backend: ModuleType | None = None,
 ) -> torch.Tensor:
     """``out + shrink/expand`` of every routed pair, differentiable for x, weights, A and B.
 
@@ -160,6 +163,8 @@ def lora_mixture(
         meta: the forward's pairs grouped by adapter; gradients reach the router through
             ``meta.pair_weight`` (built differentiably from the decision's weights).
         out: ``[T, H_out]`` base output.
+        backend: The kernel module to run (``kernels.backend_for(device)``); callers pick
+            it once per forward and pass it to every layer. ``None``: look it up here.
 
     Returns:
         ``[T, H_out]``: ``out`` updated in place when no gradient is needed, else a new
@@ -170,7 +175,8 @@ def lora_mixture(
         h = lora_shrink(x, stack, meta)
         return lora_expand(h, stack, meta, out)
     """
-    backend = kernels.backend_for(out.device)
+    if backend is None:
+        backend = kernels.backend_for(out.device)
     _, weights = _present(stack)
     tracked = (x, meta.pair_weight, out, *weights)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):

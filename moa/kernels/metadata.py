@@ -149,8 +149,9 @@ class LoraStack:
     scales: list[float]
     in_features: int
     out_features: int
-    _packed: PackedLora | None = field(default=None, repr=False)
-    _packed_key: tuple | None = field(default=None, repr=False)
+    # (weights' identity+version key, buffers): one value, so concurrent readers never
+    # pair the buffers of one version with the key of another
+    _packed: tuple[tuple, PackedLora] | None = field(default=None, repr=False)
 
     @property
     def ranks(self) -> list[int]:
@@ -169,6 +170,10 @@ class LoraStack:
                 return a.dtype
         return torch.float32
 
+    def seed_packed(self, key: tuple, packed: PackedLora) -> None:
+        """Use ``packed`` as the buffers for weights identified by ``key`` (see :meth:`packed`)."""
+        self._packed = (key, packed)
+
     def packed(self) -> PackedLora:
         """Contiguous buffers, rebuilt only when a weight changed (training, loading)."""
         key = tuple(
@@ -178,8 +183,9 @@ class LoraStack:
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in self.lora_a
         )
-        if self._packed is not None and self._packed_key == key and not needs_grad:
-            return self._packed
+        cached = self._packed
+        if cached is not None and cached[0] == key and not needs_grad:
+            return cached[1]
         present = [(a, b) for a, b in zip(self.lora_a, self.lora_b, strict=True) if a is not None]
         dtype, device = (present[0][0].dtype, present[0][0].device) if present else (torch.float32, "cpu")
         if present:
@@ -198,5 +204,5 @@ class LoraStack:
             scales=torch.tensor(self.scales, dtype=torch.float32, device=device),
         )
         if not needs_grad:
-            self._packed, self._packed_key = packed, key
+            self._packed = (key, packed)
         return packed

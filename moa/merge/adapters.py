@@ -79,7 +79,7 @@ def merge_adapters(
         model.save_adapter("both", "adapters/both")
     """
     names = _check_names(model, names)
-    model._check_new_name(new_name)
+    model.bank.check_new_name(new_name)
     weight_list = _check_weights(names, weights)
     function, label = _resolve_strategy(strategy)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0):
@@ -104,7 +104,7 @@ def merge_adapters(
         )
     template = model.peft_config[names[0]]
     config, layers = build_lora_adapter(model, merged, getattr(template, "base_model_name_or_path", None))
-    model._install(new_name, config, layers, trainable=False)
+    model.install_adapter(new_name, config, layers, trainable=False)
     logger.info(
         "Merged %s with weights %s by %r into adapter %r (ranks %s).",
         names, weight_list, label, new_name, sorted({a.shape[0] for a, _ in merged.values()}),
@@ -168,7 +168,7 @@ def _check_names(model: MixtureModel, names: Sequence[str]) -> list[str]:
     repeated = sorted(n for n, count in Counter(names).items() if count > 1)
     if repeated:
         raise MergeError(f"Adapters {repeated} are listed more than once; give each once with its weight.")
-    model._check_known(list(names))
+    model.bank.check_known(list(names))
     return list(names)
 
 

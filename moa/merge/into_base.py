@@ -76,7 +76,7 @@ def resolve_mixture(model: MixtureModel, adapters: Adapters = None, weights: Seq
         mixture = dict(zip(names, values))
     if not mixture or any(not math.isfinite(w) for w in mixture.values()):
         raise MergeError(f"Need at least one adapter with a finite weight to merge; got {mixture!r}.")
-    model._check_known(list(mixture))
+    model.bank.check_known(list(mixture))
     return mixture
 
 
@@ -181,14 +181,7 @@ def merge_and_unload(
 
 def unload(model: MixtureModel) -> nn.Module:
     """Replace every MixtureLinear by its base layer, drop moa's hooks; return the base model."""
-    base = model.base_model
-    for layer in list(model.mixture_layers()):
-        parent_name, _, child = layer.module_name.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, layer.base_layer)
-    model._router = None
-    model._routing.remove()
-    model._state.metadata = None
-    return base
+    return model.unload()
 
 
 def save_merged(

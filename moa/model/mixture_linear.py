@@ -3,43 +3,26 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moa.kernels.autograd import lora_mixture
 from moa.adapters.base import AdapterLayer
-from moa.kernels.metadata import LoraStack, RoutingMetadata
+from moa.kernels.autograd import lora_mixture
+from moa.kernels.metadata import LoraStack
+from moa.model.call_routing import current_frame
 from moa.model.targets import linear_features
+
+if TYPE_CHECKING:
+    from moa.model.adapter_bank import AdapterBank
 
 
 def layer_index_of(module_name: str) -> int | None:
     """Decoder layer index in a module name (``model.layers.3.mlp.up_proj`` -> 3), if any."""
     match = re.search(r"\.(\d+)\.", f".{module_name}.")
     return int(match.group(1)) if match else None
-
-
-@dataclass
-class RoutingState:
-    """State shared by every MixtureLinear of one model (never recomputed per layer).
-
-    Attributes:
-        adapter_names: loaded adapters in slot order; routing ids index this list.
-        layout_version: bumped whenever adapters are added or removed, so layers
-            rebuild their :class:`LoraStack`.
-        metadata: the current forward's tokens grouped by adapter, or ``None`` (base only).
-        enabled: ``False`` inside ``model.disable_adapters()``.
-        first_layer: adapters apply only from this decoder layer on (a router that
-            decides from the hidden states of layer L leaves layers < L to the base).
-    """
-
-    adapter_names: list[str] = field(default_factory=list)
-    layout_version: int = 0
-    metadata: RoutingMetadata | None = None
-    enabled: bool = True
-    first_layer: int = 0
 
 
 class MixtureLinear(nn.Module):
@@ -53,25 +36,26 @@ class MixtureLinear(nn.Module):
     Args:
         base_layer: The linear layer being wrapped (kept as ``self.base_layer``).
         module_name: Its full name in the base model.
-        state: The model's shared :class:`RoutingState`.
+        bank: The model's :class:`~moa.model.AdapterBank` (slot order, layout version);
+            the routing of each call comes from that call's frame, never from here.
     """
 
-    def __init__(self, base_layer: nn.Module, module_name: str, state: RoutingState):
+    def __init__(self, base_layer: nn.Module, module_name: str, bank: AdapterBank):
         super().__init__()
         self.base_layer = base_layer
         self.module_name = module_name
         self.in_features, self.out_features = linear_features(base_layer)
         self.adapters = nn.ModuleDict()
-        self._state = state
+        self._bank = bank
         self.layer_index = layer_index_of(module_name)
-        self._stack: LoraStack | None = None
-        self._stack_version = -1
-        self._generic: dict[int, AdapterLayer] = {}
+        # (layout version, stack, generic adapters by slot), replaced as one value so a
+        # thread never sees a stack of one layout with the generic slots of another
+        self._cache: tuple[int, LoraStack, dict[int, AdapterLayer]] | None = None
 
     # -- the bank --------------------------------------------------------------------------
 
     def add_adapter_layer(self, name: str, layer: AdapterLayer) -> None:
-        """Attach one adapter's weights (the caller bumps ``state.layout_version``)."""
+        """Attach one adapter's weights (the bank bumps its ``layout_version``)."""
         self.adapters[name] = layer
 
     def remove_adapter_layer(self, name: str) -> AdapterLayer | None:
@@ -84,36 +68,43 @@ class MixtureLinear(nn.Module):
 
     def stack(self) -> LoraStack:
         """This layer's low-rank adapters by slot, rebuilt only when the layout changed."""
-        if self._stack is None or self._stack_version != self._state.layout_version:
-            lora_a: list[torch.Tensor | None] = []
-            lora_b: list[torch.Tensor | None] = []
-            scales: list[float] = []
-            self._generic = {}
-            for slot, name in enumerate(self._state.adapter_names):
-                layer = self.adapters[name] if name in self.adapters else None
-                low_rank = layer.low_rank() if layer is not None else None
-                if layer is not None and low_rank is None:
-                    self._generic[slot] = layer
-                a, b, scale = low_rank if low_rank is not None else (None, None, 0.0)
-                lora_a.append(a)
-                lora_b.append(b)
-                scales.append(float(scale))
-            self._stack = LoraStack(lora_a, lora_b, scales, self.in_features, self.out_features)
-            self._stack_version = self._state.layout_version
-        return self._stack
+        return self._cached()[1]
+
+    def _cached(self) -> tuple[int, LoraStack, dict[int, AdapterLayer]]:
+        cache = self._cache
+        version = self._bank.layout_version
+        if cache is not None and cache[0] == version:
+            return cache
+        lora_a: list[torch.Tensor | None] = []
+        lora_b: list[torch.Tensor | None] = []
+        scales: list[float] = []
+        generic: dict[int, AdapterLayer] = {}
+        for slot, name in enumerate(self._bank.names):
+            layer = self.adapters[name] if name in self.adapters else None
+            low_rank = layer.low_rank() if layer is not None else None
+            if layer is not None and low_rank is None:
+                generic[slot] = layer
+            a, b, scale = low_rank if low_rank is not None else (None, None, 0.0)
+            lora_a.append(a)
+            lora_b.append(b)
+            scales.append(float(scale))
+        cache = (version, LoraStack(lora_a, lora_b, scales, self.in_features, self.out_features), generic)
+        self._cache = cache
+        return cache
 
     # -- forward ---------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        meta = self._state.metadata
-        if meta is None or not self._state.enabled or meta.num_pairs == 0 or len(self.adapters) == 0:
+        if len(self.adapters) == 0:
             return out
-        if self.layer_index is not None and self.layer_index < self._state.first_layer:
+        frame = current_frame(self._bank)
+        meta = frame.metadata_for(self.layer_index) if frame is not None else None
+        if meta is None or meta.num_pairs == 0:
             return out
-        stack = self.stack()
+        _, stack, generic = self._cached()
         low_rank_active = [s for s in meta.active_adapters if stack.lora_a[s] is not None]
-        generic_active = [s for s in meta.active_adapters if s in self._generic]
+        generic_active = [s for s in meta.active_adapters if s in generic]
         if not low_rank_active and not generic_active:
             return out
         x2 = x.reshape(-1, self.in_features)
@@ -128,15 +119,15 @@ class MixtureLinear(nn.Module):
         if low_rank_active:
             xs = x2.to(stack.dtype())
             if self.training:
-                p = max(self.adapters[self._state.adapter_names[s]].dropout_p() for s in low_rank_active)
+                p = max(self.adapters[frame.adapter_names[s]].dropout_p() for s in low_rank_active)
                 xs = F.dropout(xs, p=p, training=True) if p > 0 else xs
             # one shrink + one expand for the whole batch (explicit backward when training)
-            out2 = lora_mixture(xs, stack, meta, out2)
+            out2 = lora_mixture(xs, stack, meta, out2, backend=frame.backend)
         for slot in generic_active:
             start, end = meta.pairs_of(slot)
             index = meta.token_index[start:end]
             weight = meta.pair_weight[start:end]
-            delta = self._generic[slot].delta(x2.index_select(0, index), self.base_layer)
+            delta = generic[slot].delta(x2.index_select(0, index), self.base_layer)
             out2.index_add_(0, index, (delta * weight[:, None].to(delta.dtype)).to(out2.dtype))
         return out2.view(out.shape)
 

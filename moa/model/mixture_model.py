@@ -1,11 +1,18 @@
-"""MixtureModel: one base model, many adapters, mixed per request with PEFT's API."""
+"""MixtureModel: one base model, many adapters, mixed per request with PEFT's API.
+
+Thread safety: every call (``forward``, ``generate``, ``route``, ``hidden_states_at``)
+carries its own routing in a :mod:`contextvars` context (see
+:mod:`moa.model.call_routing`), so calls from several threads at once return exactly
+what the same calls return one after another. Adding or removing adapters waits for
+the running calls to finish (:class:`~moa.model.AdapterBank`); ``set_adapter`` and
+``set_router`` change the default of the calls that start afterwards.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -13,25 +20,27 @@ import torch
 from torch import nn
 
 from moa.adapters.base import AdapterConfig, AdapterLayer
-from moa.errors import (
-    AdapterExistsError,
-    AdapterShapeError,
-    RoutingError,
-    UnknownAdapterError,
-    format_choices,
-)
+from moa.errors import RoutingError
 from moa.model import adapter_io
-from moa.model.mixture_linear import MixtureLinear, RoutingState
-from moa.model.routing_controller import Pinned, RoutingController
+from moa.model.adapter_bank import AUTO_ROW, BASE_ROW, AdapterBank
+from moa.model.call_routing import (
+    CallFrame,
+    CallPlan,
+    adapters_disabled,
+    calling,
+    checkpoint_contexts,
+    disabling,
+)
+from moa.model.mixture_linear import MixtureLinear
+from moa.model.routing_controller import RoutingController, ask_router
 from moa.model.targets import linear_features, resolve_target_modules
 from moa.routing.decision import Mixture, RoutingDecision
 from moa.routing.router import Router
 
 logger = logging.getLogger(__name__)
 
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
-#: PEFT's name for "no adapter" in ``adapter_names``.
-BASE_ROW = "__base__"
+#: One row's routing request: a mixture, ``None`` (base) or :data:`AUTO_ROW` (the router).
+RowRequest = Mixture | str
 
 
 class MixtureModel(nn.Module):
@@ -39,11 +48,11 @@ class MixtureModel(nn.Module):
 
     Build with :meth:`from_pretrained`, then use PEFT's verbs (``add_adapter``,
     ``load_adapter``, ``set_adapter``, ``adapter_names=`` per row) or moa's
-    (``adapter_weights=`` per row, ``set_router``).
+    (``adapter_weights=`` per row, ``set_router``, ``"auto"`` rows).
 
     Args:
         base_model: A transformers causal LM (dense or bitsandbytes NF4).
-        tokenizer: Its tokenizer (needed by :meth:`route` on text).
+        tokenizer: Its tokenizer (needed only to route text; token ids work without).
         max_rank: Largest adapter rank accepted (bigger ones raise AdapterShapeError).
     """
 
@@ -54,13 +63,11 @@ class MixtureModel(nn.Module):
         base_model.requires_grad_(False)  # only adapters train, as in PEFT
         self.base_model = base_model
         self.tokenizer = tokenizer
-        self.max_rank = int(max_rank)
         self.base_fingerprint = base_fingerprint(base_model)
-        self.peft_config: dict[str, AdapterConfig] = {}
+        self.bank = AdapterBank(base_model, max_rank=max_rank)
         self.active_adapters: list[str] = []
-        self._state = RoutingState()
         self._router: Router | None = None
-        self._routing = RoutingController(self)
+        self._controller = RoutingController(self.bank, self._default_plan)
 
     @classmethod
     def from_pretrained(
@@ -90,7 +97,24 @@ class MixtureModel(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         """Loaded adapters, in slot order."""
-        return list(self._state.adapter_names)
+        return list(self.bank.names)
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """Adapter name -> its config (PEFT's attribute)."""
+        return self.bank.configs
+
+    @property
+    def max_rank(self) -> int:
+        """Largest adapter rank accepted."""
+        return self.bank.max_rank
+
+    @property
+    def active_adapter(self) -> str | list[str] | None:
+        """PEFT's spelling: the active adapter's name (a list when several are active)."""
+        if not self.active_adapters:
+            return None
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     @property
     def config(self) -> Any:
@@ -107,21 +131,28 @@ class MixtureModel(nn.Module):
         """The router set with :meth:`set_router`, if any."""
         return self._router
 
+    def get_base_model(self) -> nn.Module:
+        """The transformers model underneath (its linear layers wrapped by moa), as in PEFT."""
+        return self.base_model
+
     def mixture_layers(self) -> Iterator[MixtureLinear]:
         """Every wrapped layer."""
-        for module in self.base_model.modules():
-            if isinstance(module, MixtureLinear):
-                yield module
+        return self.bank.layers()
 
     # -- adapters --------------------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Create a new adapter (initialised by its config) on the modules it targets."""
-        self._check_new_name(adapter_name)
+        """Create a new adapter (initialised by its config) on the modules it targets.
+
+        ``target_modules=None`` picks PEFT's default modules for the base's architecture.
+        """
+        from moa.plugin import get_adapter_type
+
+        self.bank.check_new_name(adapter_name)
         config.validate()
-        spec = self._adapter_type(config.adapter_type)
+        spec = get_adapter_type(config.adapter_type)
         modules = resolve_target_modules(self.base_model, config.target_modules)
-        layers = {m: spec.layer_class(config, m, *linear_features(self._base_layer(m))) for m in modules}
+        layers = {m: spec.layer_class(config, m, *linear_features(self.bank.base_layer(m))) for m in modules}
         self._install(adapter_name, config, layers, trainable=True)
 
     def load_adapter(
@@ -137,14 +168,56 @@ class MixtureModel(nn.Module):
         adapter type, every tensor's module and shape, the rank cap. On any error no
         adapter is added and the loaded ones are untouched.
         """
-        self._check_new_name(adapter_name)
+        self.bank.check_new_name(adapter_name)
         config, layers = adapter_io.read_adapter(self, path_or_repo_id, revision=revision)
         self._install(adapter_name, config, layers, trainable=is_trainable)
 
+    def install_adapter(
+        self, adapter_name: str, config: AdapterConfig, layers: Mapping[str, AdapterLayer], trainable: bool = False
+    ) -> None:
+        """Attach adapter layers built elsewhere (``moa.merge``, plugins) as ``adapter_name``.
+
+        Args:
+            adapter_name: New adapter name.
+            config: Its config.
+            layers: Module name -> a built :class:`~moa.adapters.AdapterLayer`.
+            trainable: Whether its parameters require gradients.
+        """
+        self._install(adapter_name, config, layers, trainable=trainable)
+
     def save_adapter(self, adapter_name: str, directory: str | os.PathLike) -> None:
         """Write ``adapter_name`` as a PEFT folder (atomically); PEFT loads it as it is."""
-        self._check_known([adapter_name])
+        self.bank.check_known([adapter_name])
         adapter_io.write_adapter(self, adapter_name, directory)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None, **kwargs: Any
+    ) -> None:
+        """PEFT's multi-adapter layout: the first adapter at the root, the others in subfolders.
+
+        See :func:`moa.hub.pretrained.save_pretrained`.
+        """
+        from moa.hub.pretrained import save_pretrained
+
+        save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
+
+    def load_pretrained_adapters(self, directory: str | os.PathLike) -> list[str]:
+        """Load every adapter of a :meth:`save_pretrained` folder (all or none).
+
+        See :func:`moa.hub.pretrained.load_pretrained_adapters`.
+        """
+        from moa.hub.pretrained import load_pretrained_adapters
+
+        return load_pretrained_adapters(self, directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Push :meth:`save_pretrained`'s layout to the Hub in one commit.
+
+        See :func:`moa.hub.pretrained.push_to_hub` for the options.
+        """
+        from moa.hub.pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def push_adapter(self, adapter_name: str, repo_id: str, **kwargs: Any) -> Any:
         """Push one adapter to the Hub: PEFT layout + model card, in one commit.
@@ -154,43 +227,37 @@ class MixtureModel(nn.Module):
         """
         from moa.hub import push_adapter
 
-        self._check_known([adapter_name])
+        self.bank.check_known([adapter_name])
         return push_adapter(self, adapter_name, repo_id, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter and its weights from every layer."""
-        self._check_known([adapter_name])
-        for layer in self.mixture_layers():
-            layer.remove_adapter_layer(adapter_name)
-        del self.peft_config[adapter_name]
-        self._state.adapter_names.remove(adapter_name)
-        self._state.layout_version += 1
+        """Remove an adapter and its weights from every layer (waits for running calls)."""
+        self.bank.remove(adapter_name)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several, summed with weight 1 each) the default for every row."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self._check_known(names)
+        self.bank.check_known(names)
         self.active_adapters = names
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Within the block, every forward runs the base alone."""
-        previous = self._state.enabled
-        self._state.enabled = False
-        try:
+        """Within the block, this thread's (this context's) calls run the base alone.
+
+        Calls running in other threads keep their adapters: the switch is per context,
+        like every other piece of a call's routing.
+        """
+        with disabling(self.bank):
             yield
-        finally:
-            self._state.enabled = previous
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """PEFT's spelling of :meth:`disable_adapters` (``with model.disable_adapter(): ...``)."""
+        return self.disable_adapters()
 
     def adapter_layers(self, adapter_name: str) -> dict[str, AdapterLayer]:
         """Module name -> this adapter's layer on that module."""
-        self._check_known([adapter_name])
-        return {
-            layer.module_name: layer.adapters[adapter_name]
-            for layer in self.mixture_layers()
-            if adapter_name in layer.adapters
-        }
+        return self.bank.adapter_layers(adapter_name)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts; 4-bit weights count as their unpacked size."""
@@ -210,6 +277,32 @@ class MixtureModel(nn.Module):
         )
         logger.info(message)
         print(message)  # noqa: T201 - PEFT's method prints; users call it for this output
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute the base's decoder layers in the backward pass (non-reentrant), as
+        transformers' method of the same name (``Trainer(gradient_checkpointing=True)`` calls it).
+
+        The recomputation runs outside this call, so moa hands it the call's routing frame
+        (:func:`~moa.model.call_routing.checkpoint_contexts`): the recomputed adapters see the
+        same routing, whatever other threads do meanwhile.
+        """
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise RoutingError(
+                "moa supports non-reentrant checkpointing only (use_reentrant=False): reentrant "
+                "recomputation cannot see the call's routing. Drop use_reentrant=True."
+            )
+        kwargs.setdefault("context_fn", checkpoint_contexts)
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Turn :meth:`gradient_checkpointing_enable` off."""
+        base = self.base_model
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
 
     # -- merging (moa.merge) ---------------------------------------------------------------
 
@@ -252,40 +345,99 @@ class MixtureModel(nn.Module):
         return merge_into_base(self, adapter_name, weights, keep_adapters=keep_adapters,
                                sample_input_ids=sample_input_ids, progress=progress)
 
+    def unload(self) -> nn.Module:
+        """Remove every adapter and moa's hooks without merging; return the plain base (PEFT's
+        ``unload``). This MixtureModel must not be used afterwards."""
+        self._router = None
+        self.bank.unwrap_all()
+        self._controller.remove()
+        self.active_adapters = []
+        return self.base_model
+
     # -- routing ---------------------------------------------------------------------------
 
     def set_router(self, router: Router | None) -> None:
-        """Let ``router`` decide the adapters of rows that name none (``None`` removes it)."""
-        if router is not None and not isinstance(router, Router):
-            raise RoutingError(
-                f"set_router needs a moa.Router instance (or None); got {type(router).__name__}. "
-                f"Get a router class with moa.get_router(name) and instantiate it."
-            )
-        self._routing.router_changed(router)
+        """Let ``router`` decide the rows that ask for it (``"auto"``) and, when a call names
+        no adapter at all, every row. ``None`` removes it."""
+        self._check_router(router)
         self._router = router
 
-    def route(self, prompts: Sequence[str] | torch.Tensor) -> list[dict[str, float]]:
-        """The router's decision per request, as ``[{adapter: weight}, ...]`` (telemetry)."""
-        if self._router is None:
-            raise RoutingError("No router is set. Call model.set_router(router) first.")
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Encode prompts with padding: ``{"input_ids", "attention_mask"}`` on the model's device."""
+        if self.tokenizer is None:
+            raise RoutingError(
+                "This model has no tokenizer (its base folder has none), so it cannot encode text. "
+                "Pass token ids instead, or load a base folder that includes tokenizer files."
+            )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        encoded = self.tokenizer(list(texts), return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+    def hidden_states_at(
+        self,
+        layer: int | Sequence[int],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """The base's input to decoder ``layer`` (no adapters), by a partial pass: ``[B, S, H]``.
+
+        Give a list of layers to get ``{layer: hidden}`` from one pass; ``kwargs`` (such as
+        ``position_ids``) go to the base. Safe to call from several threads at once.
+        """
+        with self.bank.reading():
+            if isinstance(layer, int):
+                return self._controller.hidden_states_at([layer], input_ids, attention_mask, **kwargs)[layer]
+            return self._controller.hidden_states_at(layer, input_ids, attention_mask, **kwargs)
+
+    def route(
+        self,
+        prompts: Sequence[str] | torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str | None] | None = None,
+        adapter_weights: Sequence[RowRequest] | Mapping[str, float] | None = None,
+        router: Router | None = None,
+    ) -> list[dict[str, float]]:
+        """The decision each row gets, as ``[{adapter: weight}, ...]`` (telemetry).
+
+        Rows are given as in :meth:`forward`; only the routed rows (all rows when no
+        names/weights are given) go to the router, the others report their explicit mixture.
+        A token-level decision is averaged over each row's tokens.
+        """
         texts = None
         if isinstance(prompts, torch.Tensor):
-            input_ids, attention_mask = prompts.to(self.device), None
+            input_ids = prompts.to(self.device)
         else:
             texts = list(prompts)
-            encoded = self._tokenize(texts)
+            encoded = self.tokenize(texts)
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        router = self._router
-        hidden = None
-        if router.hidden_layer is not None:
-            hidden = self._routing.hidden_states_at(router.hidden_layer, input_ids, attention_mask)
-        decision = self._routing.decide(
-            router, int(input_ids.shape[0]), input_ids=input_ids, hidden_states=hidden,
-            attention_mask=attention_mask, texts=texts,
-        )
+        if adapter_names is None and adapter_weights is None and (router or self._router) is None:
+            raise RoutingError("No router is set. Call model.set_router(router) first (or pass router=).")
+        with self.bank.reading():
+            names = self.bank.names
+            plan = self._plan(input_ids, adapter_names, adapter_weights, router, {})
+            rows = plan.explicit.to_mixtures(names) if plan.explicit is not None else [{}] * len(input_ids)
+            if not plan.routed_rows:
+                return rows
+            index = torch.tensor(plan.routed_rows, dtype=torch.long, device=input_ids.device)
+            ids = input_ids.index_select(0, index)
+            mask = attention_mask.index_select(0, index.to(attention_mask.device)) if attention_mask is not None else None
+            hidden = None
+            if plan.router.hidden_layer is not None:
+                layer = plan.router.hidden_layer
+                hidden = self._controller.hidden_states_at([layer], ids, mask)[layer]
+            decision = ask_router(
+                plan.router, names, len(plan.routed_rows), input_ids=ids, hidden_states=hidden,
+                attention_mask=mask, texts=[texts[i] for i in plan.routed_rows] if texts is not None else None,
+            )
+        decided = decision.to_mixtures(names)
         if decision.level == "token":
-            return _token_decision_per_row(decision, input_ids.shape, self.adapter_names)
-        return decision.to_mixtures(self.adapter_names)
+            decided = _token_decision_per_row(decided, len(plan.routed_rows), int(ids.shape[1]))
+        for row, mixture in zip(plan.routed_rows, decided, strict=True):
+            rows[row] = mixture
+        return rows
 
     def forward(
         self,
@@ -293,7 +445,10 @@ class MixtureModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         adapter_names: Sequence[str | None] | None = None,
-        adapter_weights: Sequence[Mixture] | Mapping[str, float] | None = None,
+        adapter_weights: Sequence[RowRequest] | Mapping[str, float] | None = None,
+        router: Router | None = None,
+        routing_decision: RoutingDecision | None = None,
+        adapters_from_layer: int = 0,
         **kwargs: Any,
     ) -> Any:
         """Run the base with adapters chosen per row.
@@ -301,17 +456,24 @@ class MixtureModel(nn.Module):
         Args:
             input_ids: ``[B, S]`` token ids.
             attention_mask: ``[B, S]``.
-            adapter_names: One adapter name (or ``None`` / ``"__base__"`` = base) per row.
-            adapter_weights: One ``{name: weight}`` mixture (or ``None``) per row, or one
-                dict for every row.
+            adapter_names: One entry per row: an adapter name, ``None`` / ``"__base__"``
+                (the base alone) or ``"auto"`` (the router decides that row).
+            adapter_weights: One entry per row: a ``{name: weight}`` mixture (any ranks, any
+                number of adapters), ``None`` (base) or ``"auto"``; or one dict for every row.
+            router: Use this router for this call instead of the model's.
+            routing_decision: A ready :class:`RoutingDecision` for every row (a gate being
+                trained passes its differentiable one), applied from ``adapters_from_layer`` on.
+            adapters_from_layer: See ``routing_decision``.
             **kwargs: Passed to the transformers model (``labels``, ``past_key_values``...).
 
-        Without ``adapter_names``/``adapter_weights`` the router decides (if set), else
-        the adapters given to :meth:`set_adapter`.
+        With none of these, the router decides every row (if one is set), else the
+        adapters given to :meth:`set_adapter` apply.
         """
-        pinned = self._pinned_routing(input_ids, attention_mask, adapter_names, adapter_weights, kwargs)
-        with self._routing.pin(pinned):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self.bank.reading():
+            plan = self._plan(input_ids, adapter_names, adapter_weights, router, kwargs,
+                              routing_decision, adapters_from_layer)
+            with calling(CallFrame(self.bank, plan, self.bank.names)):
+                return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(
         self,
@@ -319,152 +481,131 @@ class MixtureModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         adapter_names: Sequence[str | None] | None = None,
-        adapter_weights: Sequence[Mixture] | Mapping[str, float] | None = None,
+        adapter_weights: Sequence[RowRequest] | Mapping[str, float] | None = None,
+        router: Router | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """``transformers`` generate with per-row adapters; the KV cache stays on.
 
-        The routing decision of each row is made once from the prompt and reused for
-        every generated token (rows expanded for beams keep their row's decision).
+        Rows are given as in :meth:`forward`. A routed row's decision is made once from its
+        prompt and reused for every generated token (token-level routers decide each new
+        token); rows expanded for beams keep their row's decision.
         """
-        pinned = self._pinned_routing(input_ids, attention_mask, adapter_names, adapter_weights, kwargs)
-        with self._routing.pin(pinned):
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    def resolve_routing(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        adapter_names: Sequence[str | None] | None,
-        adapter_weights: Sequence[Mixture] | Mapping[str, float] | None,
-        model_kwargs: Mapping[str, Any] | None = None,
-    ) -> RoutingDecision | None:
-        """The decision a forward with these arguments uses (``None`` = base only)."""
-        batch = _batch_size(input_ids, model_kwargs or {})
-        if adapter_names is not None and adapter_weights is not None:
-            raise RoutingError("Pass adapter_names or adapter_weights, not both.")
-        if adapter_names is not None:
-            if isinstance(adapter_names, str):
-                raise RoutingError(
-                    f"adapter_names must be a list with one entry per row, got the string "
-                    f"{adapter_names!r}. Use [{adapter_names!r}] * batch_size or set_adapter()."
-                )
-            _check_rows("adapter_names", len(adapter_names), batch)
-            names = [None if n == BASE_ROW else n for n in adapter_names]
-            return RoutingDecision.from_names(names, self.adapter_names)
-        if adapter_weights is not None:
-            rows = [adapter_weights] * batch if isinstance(adapter_weights, Mapping) else list(adapter_weights)
-            _check_rows("adapter_weights", len(rows), batch)
-            return RoutingDecision.from_mixtures(rows, self.adapter_names)
-        if self._router is not None and input_ids is not None:
-            if self._router.hidden_layer is not None:
-                raise RoutingError(
-                    f"Router {self._router!r} decides from hidden states inside the forward; "
-                    f"call the model (or model.route) rather than resolve_routing."
-                )
-            return self._routing.decide(
-                self._router, batch, input_ids=input_ids, attention_mask=attention_mask
-            )
-        return self._active_decision(batch)
-
-    def _pinned_routing(
-        self,
-        input_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        adapter_names: Sequence[str | None] | None,
-        adapter_weights: Sequence[Mixture] | Mapping[str, float] | None,
-        model_kwargs: Mapping[str, Any],
-    ) -> Pinned:
-        explicit = adapter_names is not None or adapter_weights is not None
-        router = self._router
-        if not explicit and router is not None and router.hidden_layer is not None:
-            _batch_size(input_ids, model_kwargs)
-            return Pinned(decision=None, router=router, attention_mask=attention_mask,
-                          first_layer=router.hidden_layer)
-        decision = self.resolve_routing(input_ids, attention_mask, adapter_names, adapter_weights, model_kwargs)
-        return Pinned(decision=decision)
+        with self.bank.reading():
+            plan = self._plan(input_ids, adapter_names, adapter_weights, router, kwargs)
+            with calling(CallFrame(self.bank, plan, self.bank.names)):
+                return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- internals -------------------------------------------------------------------------
-
-    def _adapter_type(self, name: str):
-        from moa.plugin import get_adapter_type
-
-        return get_adapter_type(name)
-
-    def _base_layer(self, module_name: str) -> nn.Module:
-        module = self.base_model.get_submodule(module_name)
-        return module.base_layer if isinstance(module, MixtureLinear) else module
-
-    def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not _NAME_PATTERN.match(name) or name == BASE_ROW:
-            raise AdapterExistsError(
-                f"Invalid adapter name {name!r}: use letters, digits, '_' and '-' only "
-                f"(and not {BASE_ROW!r})."
-            )
-        if hasattr(nn.ModuleDict(), name):  # the per-layer bank is an nn.ModuleDict
-            raise AdapterExistsError(
-                f"Invalid adapter name {name!r}: it is the name of a torch module attribute "
-                f"(like 'train' or 'forward'). Pick another, e.g. {name + '_adapter'!r}."
-            )
-        if name in self.peft_config:
-            raise AdapterExistsError(
-                f"An adapter named {name!r} is already loaded. Loaded: "
-                f"{format_choices(self.adapter_names)}. Pick another adapter_name or "
-                f"delete_adapter({name!r}) first."
-            )
-
-    def _check_known(self, names: Sequence[str]) -> None:
-        for name in names:
-            if name not in self.peft_config:
-                raise UnknownAdapterError(
-                    f"No adapter named {name!r}. Loaded: {format_choices(self.adapter_names)}. "
-                    f"Load it with model.load_adapter(path, adapter_name={name!r})."
-                )
 
     def _install(
         self, name: str, config: AdapterConfig, layers: Mapping[str, AdapterLayer], trainable: bool
     ) -> None:
-        """Attach fully built and checked layers; the only place the bank changes."""
-        for module_name, layer in layers.items():
-            low_rank = layer.low_rank()
-            if low_rank is not None and low_rank[0].shape[0] > self.max_rank:
-                raise AdapterShapeError(
-                    f"Adapter {name!r} has rank {low_rank[0].shape[0]} on {module_name!r}, above "
-                    f"this model's cap max_rank={self.max_rank}. Raise it with "
-                    f"MixtureModel.from_pretrained(..., max_rank=...)."
-                )
-        for module_name, layer in layers.items():
-            base_layer = self._base_layer(module_name)
-            weight = next(base_layer.parameters())
-            layer.to(device=weight.device)
-            layer.attach_base(base_layer)
-            layer.requires_grad_(trainable)
-            wrapper = self.base_model.get_submodule(module_name)
-            if not isinstance(wrapper, MixtureLinear):
-                wrapper = MixtureLinear(base_layer, module_name, self._state)
-                parent_name, _, child = module_name.rpartition(".")
-                setattr(self.base_model.get_submodule(parent_name), child, wrapper)
-            wrapper.add_adapter_layer(name, layer)
-        self.peft_config[name] = config
-        self._state.adapter_names.append(name)
-        self._state.layout_version += 1
+        self.bank.install(name, config, layers, trainable)
         if not self.active_adapters:
             self.active_adapters = [name]
-        logger.info("Adapter %r ready on %d modules.", name, len(layers))
 
-    def _active_decision(self, batch: int) -> RoutingDecision | None:
-        if not self.active_adapters or batch == 0:
-            return None
-        mixture = {name: 1.0 for name in self.active_adapters}
-        return RoutingDecision.from_mixtures([mixture] * batch, self.adapter_names)
+    def _check_router(self, router: Router | None) -> None:
+        if router is None:
+            return
+        if not isinstance(router, Router):
+            raise RoutingError(
+                f"A router must be a moa.Router instance (or None); got {type(router).__name__}. "
+                f"Get a router class with moa.get_router(name) and instantiate it."
+            )
+        self._controller.check_router(router)
 
-    def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        if self.tokenizer is None:
-            raise RoutingError("This model has no tokenizer; pass token ids instead of text.")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        encoded = self.tokenizer(list(texts), return_tensors="pt", padding=True)
-        return {k: v.to(self.device) for k, v in encoded.items()}
+    def _default_plan(self, batch: int) -> CallPlan:
+        active = list(self.active_adapters)
+        explicit = None
+        if active and batch > 0:
+            explicit = RoutingDecision.from_mixtures([dict.fromkeys(active, 1.0)] * batch, self.bank.names)
+        return CallPlan(explicit=explicit, enabled=not adapters_disabled(self.bank))
+
+    def _plan(
+        self,
+        input_ids: torch.Tensor | None,
+        adapter_names: Sequence[str | None] | None,
+        adapter_weights: Sequence[RowRequest] | Mapping[str, float] | None,
+        router: Router | None,
+        model_kwargs: Mapping[str, Any],
+        routing_decision: RoutingDecision | None = None,
+        adapters_from_layer: int = 0,
+    ) -> CallPlan:
+        """Check the call's routing arguments and turn them into its :class:`CallPlan`."""
+        enabled = not adapters_disabled(self.bank)
+        batch = _batch_size(input_ids, model_kwargs)
+        if routing_decision is not None:
+            if adapter_names is not None or adapter_weights is not None:
+                raise RoutingError("Pass routing_decision alone, without adapter_names/adapter_weights.")
+            return CallPlan(explicit=None, late=routing_decision, split_layer=int(adapters_from_layer),
+                            enabled=enabled)
+        self._check_router(router)
+        router = router if router is not None else self._router
+        rows = _row_requests(batch, adapter_names, adapter_weights)
+        if rows is None:  # nothing named: the router decides every row, else set_adapter's
+            if router is not None:
+                rows = [AUTO_ROW] * batch
+            else:
+                active = list(self.active_adapters)
+                rows = [dict.fromkeys(active, 1.0) if active else None] * batch
+        routed = tuple(i for i, row in enumerate(rows) if row == AUTO_ROW)
+        if routed and router is None:
+            raise RoutingError(
+                f"Row {routed[0]} asks the router ('{AUTO_ROW}'), but no router is set. Call "
+                f"model.set_router(router) or pass router= to this call."
+            )
+        mixtures = [None if row == AUTO_ROW else row for row in rows]
+        explicit = None
+        if any(m for m in mixtures):
+            explicit = RoutingDecision.from_mixtures(mixtures, self.bank.names)
+        split = router.hidden_layer if routed and router.hidden_layer is not None else 0
+        return CallPlan(explicit=explicit, routed_rows=routed, router=router if routed else None,
+                        split_layer=split, enabled=enabled)
+
+
+def _row_requests(
+    batch: int,
+    adapter_names: Sequence[str | None] | None,
+    adapter_weights: Sequence[RowRequest] | Mapping[str, float] | None,
+) -> list[RowRequest] | None:
+    """One request per row from ``adapter_names`` or ``adapter_weights`` (``None``: neither)."""
+    if adapter_names is not None and adapter_weights is not None:
+        raise RoutingError("Pass adapter_names or adapter_weights, not both.")
+    if adapter_names is not None:
+        if isinstance(adapter_names, str):
+            raise RoutingError(
+                f"adapter_names must be a list with one entry per row, got the string "
+                f"{adapter_names!r}. Use [{adapter_names!r}] * batch_size or set_adapter()."
+            )
+        _check_rows("adapter_names", len(adapter_names), batch)
+        rows: list[RowRequest] = []
+        for i, name in enumerate(adapter_names):
+            if name is not None and not isinstance(name, str):
+                raise RoutingError(
+                    f"adapter_names[{i}] must be an adapter name, None, '{BASE_ROW}' or '{AUTO_ROW}'; "
+                    f"got {name!r}. Use adapter_weights=[{{name: weight}}, ...] for mixtures."
+                )
+            rows.append(AUTO_ROW if name == AUTO_ROW else None if name in (None, BASE_ROW) else {name: 1.0})
+        return rows
+    if adapter_weights is not None:
+        if isinstance(adapter_weights, Mapping):
+            return [adapter_weights] * batch
+        if isinstance(adapter_weights, str):
+            raise RoutingError(
+                f"adapter_weights must be a list with one entry per row (or one dict for all rows); "
+                f"got the string {adapter_weights!r}. Use [{adapter_weights!r}] * batch_size."
+            )
+        rows = list(adapter_weights)
+        _check_rows("adapter_weights", len(rows), batch)
+        for i, row in enumerate(rows):
+            if isinstance(row, str) and row != AUTO_ROW:
+                raise RoutingError(
+                    f"adapter_weights[{i}] is the string {row!r}; an entry is a {{name: weight}} dict, "
+                    f"None (base) or '{AUTO_ROW}' (the router decides)."
+                )
+        return rows
+    return None
 
 
 def _batch_size(input_ids: torch.Tensor | None, model_kwargs: Mapping[str, Any]) -> int:
@@ -484,16 +625,12 @@ def _check_rows(what: str, rows: int, batch: int) -> None:
         )
 
 
-def _token_decision_per_row(
-    decision: RoutingDecision, shape: torch.Size, adapter_names: Sequence[str]
-) -> list[dict[str, float]]:
-    """Average a token-level decision over each row's tokens."""
-    batch, seq_len = int(shape[0]), int(shape[1])
-    mixtures = decision.to_mixtures(adapter_names)
+def _token_decision_per_row(token_mixtures: list[dict[str, float]], batch: int, seq_len: int) -> list[dict[str, float]]:
+    """Average a token-level decision's mixtures over each row's tokens."""
     rows = []
     for b in range(batch):
         total: dict[str, float] = {}
-        for mix in mixtures[b * seq_len : (b + 1) * seq_len]:
+        for mix in token_mixtures[b * seq_len : (b + 1) * seq_len]:
             for name, weight in mix.items():
                 total[name] = total.get(name, 0.0) + weight / seq_len
         rows.append(total)

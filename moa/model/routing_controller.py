@@ -1,34 +1,39 @@
-"""When and where a forward's routing decision is made, and how it reaches every layer.
+"""Where a call's routing decision is made and how it reaches every layer.
 
-The decision for a forward comes from one source (explicit names/weights, a router,
-or ``set_adapter``) and is *pinned* for the duration of ``forward``/``generate``. A
-forward pre-hook on the base turns it into :class:`~moa.kernels.RoutingMetadata` once
-per forward, shared by every :class:`~moa.model.MixtureLinear`.
+A model call (``forward``, ``generate``, ``route``) runs the base inside a
+:class:`~moa.model.call_routing.CallFrame` held in a context variable (see
+:mod:`moa.model.call_routing`). Hooks installed ONCE when the model is built read that
+frame: a forward pre-hook on the base turns the call's decision into
+:class:`~moa.kernels.RoutingMetadata` once per forward (and picks the kernel backend
+once), shared by every :class:`~moa.model.MixtureLinear`; a pre-hook on each decoder
+layer lets a router that declares ``hidden_layer = L`` decide the routed rows inside the
+same pass (layers ``< L`` run those rows on the base, their adapters apply from ``L`` on;
+rows with an explicit decision use their adapters everywhere). The hooks keep no state of
+their own, so any number of calls may run at once from different threads.
 
-A router that declares ``hidden_layer = L`` decides inside the same pass: layers
-``< L`` run the base alone, a pre-hook on decoder layer ``L`` hands the router the
-hidden states there, and the adapters apply from layer ``L`` on. A sequence-level
-decision is then kept for every later step of ``generate`` (the KV cache stays valid);
-a token-level router decides again at every step, for the new tokens only.
+A sequence-level decision is made once per call (the prompt) and reused for every later
+step of ``generate`` (the KV cache stays valid); a token-level router decides again at
+every step, for the new tokens only.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from moa import kernels
 from moa.errors import RoutingError
-from moa.kernels.metadata import build_metadata
+from moa.kernels.metadata import RoutingMetadata, build_metadata
+from moa.model.adapter_bank import AdapterBank
+from moa.model.call_routing import CallFrame, CallPlan, calling, combine, current_frame, enter, expand_rows, leave
 from moa.routing.decision import RoutingDecision
 from moa.routing.router import Router, RoutingRequest
 
-if TYPE_CHECKING:
-    from moa.model.mixture_model import MixtureModel
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's layer list (the longest ``ModuleList`` named ``layers``/``h``/``blocks``)."""
@@ -42,156 +47,190 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-@dataclass
-class Pinned:
-    """The routing of one ``forward``/``generate`` call.
-
-    Attributes:
-        decision: The decision, or ``None`` (base only, or a router not yet consulted).
-        router: The router to consult at layer ``first_layer`` (hidden-state routers).
-        attention_mask: The prompt's mask, handed to the router.
-        first_layer: Adapters apply from this decoder layer on (0 = everywhere).
-    """
-
-    decision: RoutingDecision | None
-    router: Router | None = None
-    attention_mask: torch.Tensor | None = None
-    first_layer: int = 0
-
-
 class _StopForward(Exception):
     """Raised by a hook to end a partial pass once the hidden states are captured."""
 
 
-class RoutingController:
-    """Pins decisions, builds metadata once per forward, runs hidden-state routers."""
+def ask_router(
+    router: Router,
+    adapter_names: tuple[str, ...] | list[str],
+    batch: int,
+    *,
+    input_ids: torch.Tensor | None = None,
+    hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    texts: Any = None,
+) -> RoutingDecision:
+    """Ask ``router`` about ``batch`` rows and check that it answers a RoutingDecision."""
+    request = RoutingRequest(
+        input_ids=input_ids if input_ids is not None else torch.empty(batch, 0, dtype=torch.long),
+        adapter_names=list(adapter_names),
+        attention_mask=attention_mask,
+        texts=texts,
+        hidden_states=hidden_states,
+    )
+    decision = router.route(request)
+    if not isinstance(decision, RoutingDecision):
+        raise RoutingError(
+            f"Router {router!r} returned {type(decision).__name__}; route() must return a "
+            f"moa.RoutingDecision (see RoutingDecision.from_mixtures)."
+        )
+    return decision
 
-    def __init__(self, model: MixtureModel):
-        self.model = model
-        self._stack: list[Pinned] = []
-        self._router_hook: Any = None
-        self._base_hook = model.base_model.register_forward_pre_hook(self._on_base_forward, with_kwargs=True)
+
+class RoutingController:
+    """Installs the model's routing hooks once and serves every call's frame through them.
+
+    Args:
+        bank: The model's adapters (frames are keyed by it).
+        default_plan: The plan of a direct ``base_model(...)`` call made outside any moa
+            call (``set_adapter``'s adapters), given the batch size.
+    """
+
+    def __init__(self, bank: AdapterBank, default_plan: Callable[[int], CallPlan]):
+        self.bank = bank
+        self._default_plan = default_plan
+        base = bank.base_model
+        self._hooks = [
+            base.register_forward_pre_hook(self._on_base_forward, with_kwargs=True),
+            base.register_forward_hook(self._after_base_forward, always_call=True),
+        ]
+        try:
+            layers = decoder_layers(base)
+        except RoutingError:
+            layers = nn.ModuleList()
+        self.num_layers = len(layers)
+        for index, layer in enumerate(layers):
+            hook = functools.partial(self._on_decoder_layer, index)
+            self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
-        """Detach every hook from the base (used when the base is unloaded from moa)."""
-        self.router_changed(None)
-        self._base_hook.remove()
+        """Detach every hook from the base (when the base leaves moa)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
-    # -- pinning ---------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def pin(self, pinned: Pinned) -> Iterator[None]:
-        """Use ``pinned`` for every base forward inside the block."""
-        self._stack.append(pinned)
-        try:
-            yield
-        finally:
-            self._stack.pop()
-
-    def router_changed(self, router: Router | None) -> None:
-        """(Re)install the layer hook a hidden-state router needs."""
-        if self._router_hook is not None:
-            self._router_hook.remove()
-            self._router_hook = None
-        if router is not None and router.hidden_layer is not None:
-            layers = decoder_layers(self.model.base_model)
-            if not 0 <= router.hidden_layer < len(layers):
-                raise RoutingError(
-                    f"Router hidden_layer={router.hidden_layer} is outside this base's decoder "
-                    f"layers 0..{len(layers) - 1}."
-                )
-            self._router_hook = layers[router.hidden_layer].register_forward_pre_hook(
-                self._on_router_layer, with_kwargs=True
+    def check_router(self, router: Router) -> None:
+        """Raise :class:`RoutingError` if ``router`` reads a layer this base does not have."""
+        layer = router.hidden_layer
+        if layer is not None and not 0 <= layer < self.num_layers:
+            raise RoutingError(
+                f"Router hidden_layer={layer} is outside this base's decoder layers "
+                f"0..{self.num_layers - 1}."
             )
+
+    def hidden_states_at(
+        self, layers: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any
+    ) -> dict[int, torch.Tensor]:
+        """The base's inputs to decoder ``layers`` (no adapters), by one partial pass.
+
+        Only the layers up to ``max(layers)`` run; ``kwargs`` go to the base (``position_ids``).
+        """
+        wanted = tuple(sorted({int(layer) for layer in layers}))
+        bad = [layer for layer in wanted if not 0 <= layer < self.num_layers]
+        if bad or not wanted:
+            raise RoutingError(
+                f"Layers {list(bad or layers)} are not decoder layers of this base (0..{self.num_layers - 1})."
+            )
+        frame = CallFrame(self.bank, CallPlan(explicit=None, enabled=False), self.bank.names, capture_layers=wanted)
+        with torch.no_grad(), calling(frame), contextlib.suppress(_StopForward):
+            self.bank.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return frame.captured
 
     # -- hooks -----------------------------------------------------------------------------
 
     def _on_base_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the base: metadata for this forward, built once."""
-        state = self.model._state
         tokens = kwargs.get("input_ids")
         if tokens is None:
             tokens = args[0] if args else kwargs.get("inputs_embeds")
-        pinned = self._stack[-1] if self._stack else None
-        state.first_layer = pinned.first_layer if pinned is not None else 0
-        if tokens is None:
-            state.metadata = None
+        frame = current_frame(self.bank)
+        if frame is None:  # a direct base_model(...) call: set_adapter's adapters, for this forward
+            batch = int(tokens.shape[0]) if tokens is not None else 0
+            frame = CallFrame(self.bank, self._default_plan(batch), self.bank.names)
+            frame.scratch.update(implicit=enter(frame), depth=0)
+        elif "implicit" in frame.scratch:  # a base call nested in a direct one
+            frame.scratch["depth"] += 1
+        frame.early = frame.late = None
+        if tokens is None or not frame.plan.enabled:
             return
         batch, seq_len = int(tokens.shape[0]), int(tokens.shape[1])
-        if pinned is None:
-            decision = self.model._active_decision(batch)
-        elif pinned.router is not None and (pinned.decision is None or pinned.router.level == "token"):
-            decision = None  # decided at layer `first_layer` by _on_router_layer
-        else:
-            decision = pinned.decision
-        self._set_metadata(decision, batch, seq_len, tokens.device)
+        frame.backend = kernels.backend_for(tokens.device)
+        frame.scratch["input_ids"] = kwargs.get("input_ids")
+        frame.scratch["attention_mask"] = kwargs.get("attention_mask")
+        plan = frame.plan
+        frame.early = self._metadata(frame, plan.explicit, batch, seq_len, tokens.device)
+        if plan.needs_router and plan.router.hidden_layer is None:
+            self._decide_routed_rows(frame, batch, seq_len, tokens.device, input_ids=frame.scratch["input_ids"])
+        elif plan.late is not None and not plan.needs_router:
+            frame.late = self._metadata(frame, plan.late, batch, seq_len, tokens.device)
+        elif not plan.needs_router:
+            frame.late = frame.early
 
-    def _on_router_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Pre-hook on decoder layer ``hidden_layer``: let the router decide from its input."""
-        pinned = self._stack[-1] if self._stack else None
-        if pinned is None or pinned.router is None:
+    def _after_base_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        frame = current_frame(self.bank)
+        if frame is None or "implicit" not in frame.scratch:
             return
-        if pinned.decision is not None and pinned.router.level != "token":
+        if frame.scratch["depth"] > 0:
+            frame.scratch["depth"] -= 1
+        else:
+            leave(frame.scratch["implicit"])
+
+    def _on_decoder_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        frame = current_frame(self.bank)
+        if frame is None:
+            return
+        if index in frame.capture_layers:
+            frame.captured[index] = args[0] if args else kwargs["hidden_states"]
+            if index == frame.capture_layers[-1]:
+                raise _StopForward
+        plan = frame.plan
+        router = plan.router
+        if not plan.enabled or not plan.needs_router or router.hidden_layer != index:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
-        decision = self.decide(pinned.router, hidden.shape[0], hidden_states=hidden,
-                               attention_mask=pinned.attention_mask)
-        if pinned.router.level != "token":
-            pinned.decision = decision  # reused by every later generate step
-        self._set_metadata(decision, int(hidden.shape[0]), int(hidden.shape[1]), hidden.device)
+        batch, seq_len = int(hidden.shape[0]), int(hidden.shape[1])
+        self._decide_routed_rows(frame, batch, seq_len, hidden.device, hidden_states=hidden)
 
-    def _set_metadata(
-        self, decision: RoutingDecision | None, batch: int, seq_len: int, device: torch.device
-    ) -> None:
-        state = self.model._state
-        if decision is None or not state.enabled:
-            state.metadata = None
-            return
-        ids, weights = decision.to(device).for_tokens(batch, seq_len)
-        state.metadata = build_metadata(ids, weights, len(state.adapter_names))
+    # -- deciding --------------------------------------------------------------------------
 
-    # -- asking routers --------------------------------------------------------------------
-
-    def decide(
+    def _decide_routed_rows(
         self,
-        router: Router,
+        frame: CallFrame,
         batch: int,
+        seq_len: int,
+        device: torch.device,
         *,
         input_ids: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        texts: Any = None,
-    ) -> RoutingDecision:
-        """Ask ``router`` and check what it answers."""
-        request = RoutingRequest(
-            input_ids=input_ids if input_ids is not None else torch.empty(batch, 0, dtype=torch.long),
-            adapter_names=self.model.adapter_names,
-            attention_mask=attention_mask,
-            texts=texts,
-            hidden_states=hidden_states,
+    ) -> None:
+        """Ask the router about the routed rows only; merge with the explicit rows' decision."""
+        plan = frame.plan
+        decided_batch = plan.explicit.ids.shape[0] if plan.explicit is not None else batch
+        rows = expand_rows(plan.routed_rows, batch, decided_batch)
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        mask = frame.scratch.get("attention_mask")  # the base forward's own mask (beams expanded)
+        if mask is not None and tuple(mask.shape) == (batch, seq_len):
+            mask = mask.index_select(0, index.to(mask.device))
+        else:
+            mask = None  # a later generate step: the mask covers the cache, not these tokens
+        decision = ask_router(
+            plan.router,
+            frame.adapter_names,
+            len(rows),
+            input_ids=input_ids.index_select(0, index) if input_ids is not None else None,
+            hidden_states=hidden_states.index_select(0, index) if hidden_states is not None else None,
+            attention_mask=mask,
         )
-        decision = router.route(request)
-        if not isinstance(decision, RoutingDecision):
-            raise RoutingError(
-                f"Router {router!r} returned {type(decision).__name__}; route() must return a "
-                f"moa.RoutingDecision (see RoutingDecision.from_mixtures)."
-            )
-        return decision
+        merged = combine(plan.explicit, decision.to(device), rows, batch, seq_len)
+        if plan.router.level != "token":
+            plan.late = merged  # reused by every later step of this call
+        frame.late = self._metadata(frame, merged, batch, seq_len, device)
 
-    def hidden_states_at(
-        self, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The base's input to decoder layer ``layer`` (no adapters), by a partial pass."""
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            raise _StopForward
-
-        handle = decoder_layers(self.model.base_model)[layer].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            with torch.no_grad(), self.pin(Pinned(decision=None)), contextlib.suppress(_StopForward):
-                self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            handle.remove()
-        return captured["hidden"]
+    @staticmethod
+    def _metadata(
+        frame: CallFrame, decision: RoutingDecision | None, batch: int, seq_len: int, device: torch.device
+    ) -> RoutingMetadata | None:
+        if decision is None:
+            return None
+        ids, weights = decision.to(device).for_tokens(batch, seq_len)
+        return build_metadata(ids, weights, len(frame.adapter_names))

@@ -262,11 +262,10 @@ class RouterContract:
         """The :class:`~moa.routing.RoutingRequest` a model builds for :attr:`texts`."""
         from moa.routing import RoutingRequest
 
-        encoded = model._tokenize(list(self.texts))
+        encoded = model.tokenize(list(self.texts))
         hidden = None
         if router.hidden_layer is not None:
-            hidden = model._routing.hidden_states_at(
-                router.hidden_layer, encoded["input_ids"], encoded["attention_mask"])
+            hidden = model.hidden_states_at(router.hidden_layer, encoded["input_ids"], encoded["attention_mask"])
         return RoutingRequest(input_ids=encoded["input_ids"], adapter_names=model.adapter_names,
                               attention_mask=encoded["attention_mask"], texts=list(self.texts),
                               hidden_states=hidden)
@@ -314,7 +313,7 @@ class RouterContract:
         for mixture in mixtures:
             assert set(mixture) <= set(self.adapter_names)
             assert all(math.isfinite(w) and w >= 0 for w in mixture.values())
-        encoded = routing_model._tokenize(list(self.texts))
+        encoded = routing_model.tokenize(list(self.texts))
         with torch.no_grad():
             out = routing_model(encoded["input_ids"], attention_mask=encoded["attention_mask"])
         assert out.logits.shape[:2] == encoded["input_ids"].shape

@@ -14,7 +14,6 @@ padding, positions counted over real tokens, no adapter, mean over the prompt's 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -24,15 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moa.model.routing_controller import Pinned, decoder_layers
 from moa.routing.learned_gate import LearnedGate, pool_hidden_states
 from moa.train.chat import encode_sft_example, ensure_pad_token, pad_batch, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
-
-
-class _Captured(Exception):
-    """Ends a partial pass once every wanted layer input is captured."""
 
 
 def layer_inputs(
@@ -43,29 +37,8 @@ def layer_inputs(
     Only the layers up to ``max(layers)`` run. Positions follow the mask (left padding),
     as in ``generate``.
     """
-    wanted = sorted(set(int(x) for x in layers))
-    blocks = decoder_layers(model.base_model)
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(index: int) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            captured[index] = args[0] if args else kwargs["hidden_states"]
-            if len(captured) == len(wanted):
-                raise _Captured
-
-        return hook
-
-    for index in wanted:
-        handles.append(blocks[index].register_forward_pre_hook(hook_for(index), with_kwargs=True))
-    try:
-        with torch.no_grad(), model.disable_adapters(), contextlib.suppress(_Captured):
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    return model.hidden_states_at(list(layers), input_ids, attention_mask,
+                                  position_ids=position_ids_from_mask(attention_mask))
 
 
 def collect_features(
@@ -218,8 +191,7 @@ def train_gate_lm(
         batch = {k: v.to(model.device) for k, v in batch.items()}
         decision = gate.decision_from_features(features[idx].to(model.device), model.adapter_names,
                                                top_k=len(gate.gate_adapters))
-        with model._routing.pin(Pinned(decision=decision, first_layer=gate.hidden_layer)):  # noqa: SLF001
-            out = model.base_model(**batch, use_cache=False)
+        out = model(**batch, use_cache=False, routing_decision=decision, adapters_from_layer=gate.hidden_layer)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

@@ -125,19 +125,13 @@ def add_training_adapter(
 def set_gradient_checkpointing(model: Any, enabled: bool) -> None:
     """Turn activation checkpointing of the base on (non-reentrant) or off.
 
-    Non-reentrant checkpointing recomputes each decoder layer in the backward pass while
-    the forward's routing metadata is still set on the model, so the recomputed adapters
-    see the same routing (tested: same gradients as without checkpointing).
+    See :meth:`moa.MixtureModel.gradient_checkpointing_enable` (tested: same gradients as
+    without checkpointing).
     """
-    base = model.base_model
-    kwargs = {"use_reentrant": False}
-    if enabled and hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif enabled:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if enabled:
+        model.gradient_checkpointing_enable()
     else:
-        disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
-        disable()
+        model.gradient_checkpointing_disable()
 
 
 def lr_lambda(config: SFTConfig) -> Callable[[int], float]:

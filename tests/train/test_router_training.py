@@ -50,16 +50,13 @@ def test_lm_mode_moves_the_gate_with_adapters_frozen(tiny_chat_model):
     examples = toy_examples(6)
 
     # gradients reach the gate through RoutingDecision.weights
-    from moa.model.routing_controller import Pinned
-
     gate.head.set_normalization(collect_features(model, [e.prompt for e in examples], 1))
     enc = [encode_sft_example(model.tokenizer, e.prompt, e.answer) for e in examples[:4]]
     batch = pad_batch([x[0] for x in enc], model.tokenizer.pad_token_id, labels=[x[1] for x in enc])
     features = collect_features(model, [e.prompt for e in examples[:4]], 1)
     decision = gate.decision_from_features(features, model.adapter_names, top_k=2)
     assert decision.weights.requires_grad
-    with model._routing.pin(Pinned(decision=decision, first_layer=1)):
-        model.base_model(**batch, use_cache=False).loss.backward()
+    model(**batch, use_cache=False, routing_decision=decision, adapters_from_layer=1).loss.backward()
     grads = [p.grad for p in gate.head.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     gate.head.zero_grad(set_to_none=True)

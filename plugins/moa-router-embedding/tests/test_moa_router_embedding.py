@@ -65,7 +65,7 @@ def test_fit_separates_domains_and_routes_in_the_same_forward(moa_tiny_model):
     model.set_router(router)
     routed = model.route([EXAMPLES["alpha"][0], EXAMPLES["beta"][1], EXAMPLES["gamma"][2]])
     assert [max(m, key=m.get) for m in routed] == ["alpha", "beta", "gamma"]
-    encoded = model._tokenize([EXAMPLES["beta"][0]])
+    encoded = model.tokenize([EXAMPLES["beta"][0]])
     with torch.no_grad():
         routed_logits = model(encoded["input_ids"]).logits
     assert routed_logits.shape[:2] == encoded["input_ids"].shape

@@ -77,7 +77,7 @@ def test_model_routes_with_keyword_router(moa_tiny_model):
     moa_tiny_model.set_router(KeywordRouter.from_keywords({"sql": ["select"], "math": ["sum"]},
                                                           tokenizer=moa_tiny_model.tokenizer))
     assert moa_tiny_model.route(["select *", "the sum of", "nothing"]) == [{"sql": 1.0}, {"math": 1.0}, {}]
-    encoded = moa_tiny_model._tokenize(["select *", "nothing"])
+    encoded = moa_tiny_model.tokenize(["select *", "nothing"])
     logits = moa_tiny_model(encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
     assert logits.shape[:2] == encoded["input_ids"].shape
 

@@ -145,7 +145,7 @@ class EmbeddingRouter(Router):
             encoded = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
             ids = encoded["input_ids"].to(model.device)
             mask = encoded["attention_mask"].to(model.device)
-            hidden = model._routing.hidden_states_at(self.hidden_layer, ids, mask)
+            hidden = model.hidden_states_at(self.hidden_layer, ids, mask)
             rows.append(masked_mean(hidden, mask).cpu())
         return torch.cat(rows) if rows else torch.empty(0, 0)
 

@@ -1,0 +1,239 @@
+"""AdapterBank: the adapters loaded on one base — slots, install/remove, validation, locking.
+
+Every part of moa that adds, removes or looks up adapters (the model's PEFT-style verbs,
+``moa.merge``, ``moa.train``, ``moa.testing``) goes through this public API; it is the
+only place the layout of the adapters changes.
+
+Concurrency: calls of the model (``forward``/``generate``/``route``) hold the bank's
+*read* side for their whole duration, so any number of them run at once; ``install`` and
+``remove`` take the *write* side and wait until the running calls finish. A slot index
+therefore means the same adapter from the start to the end of every call. Changing the
+bank from inside a call of the same thread (a router that loads an adapter, say) would
+wait forever, so it is refused with a clear error instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+
+from torch import nn
+
+from moa.adapters.base import AdapterConfig, AdapterLayer
+from moa.errors import AdapterExistsError, AdapterShapeError, MoaError, UnknownAdapterError, format_choices
+from moa.model.mixture_linear import MixtureLinear
+
+logger = logging.getLogger(__name__)
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: PEFT's name for "no adapter" in ``adapter_names``.
+BASE_ROW = "__base__"
+#: The name that asks the router to decide a row (in ``adapter_names`` / ``adapter_weights``).
+AUTO_ROW = "auto"
+_RESERVED = (BASE_ROW, AUTO_ROW)
+
+
+class BankBusyError(MoaError, RuntimeError):
+    """The bank was changed from inside a call of the model on the same thread."""
+
+
+class _ReadWriteLock:
+    """Many readers or one writer; a thread may re-enter the read side (nested calls)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None
+        self._local = threading.local()
+
+    def __reduce__(self) -> tuple:
+        # a copied model (copy.deepcopy, pickling) gets a fresh, unheld lock
+        return (_ReadWriteLock, ())
+
+    def held_for_reading(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                while self._writer is not None and self._writer != threading.get_ident():
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        if self.held_for_reading():
+            raise BankBusyError(
+                "Adapters cannot be added or removed from inside a call of the same model "
+                "(a router or callback running within forward/generate). Change them before or "
+                "after the call."
+            )
+        with self._cond:
+            while self._writer is not None or self._readers > 0:
+                self._cond.wait()
+            self._writer = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = None
+                self._cond.notify_all()
+
+
+class AdapterBank:
+    """The adapters of one base model, by slot.
+
+    Slots are positions in :attr:`names`; a :class:`~moa.routing.RoutingDecision` refers to
+    adapters by slot. Every wrapped layer reads the slot order from here and rebuilds its
+    kernel stack when :attr:`layout_version` changes.
+
+    Args:
+        base_model: The transformers model whose linear layers get wrapped.
+        max_rank: Largest adapter rank accepted.
+    """
+
+    def __init__(self, base_model: nn.Module, max_rank: int = 256):
+        self.base_model = base_model
+        self.max_rank = int(max_rank)
+        self.configs: dict[str, AdapterConfig] = {}
+        self._names: tuple[str, ...] = ()
+        self.layout_version = 0
+        self._lock = _ReadWriteLock()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Loaded adapters, in slot order (an immutable snapshot)."""
+        return self._names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.configs
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Hold the read side: the slots do not change inside the block (re-entrant)."""
+        return self._lock.reading()
+
+    def layers(self) -> Iterator[MixtureLinear]:
+        """Every wrapped layer of the base."""
+        for module in self.base_model.modules():
+            if isinstance(module, MixtureLinear):
+                yield module
+
+    def base_layer(self, module_name: str) -> nn.Module:
+        """The original linear layer at ``module_name`` (unwrapped if moa wrapped it)."""
+        module = self.base_model.get_submodule(module_name)
+        return module.base_layer if isinstance(module, MixtureLinear) else module
+
+    def adapter_layers(self, name: str) -> dict[str, AdapterLayer]:
+        """Module name -> adapter ``name``'s layer on that module."""
+        self.check_known([name])
+        return {layer.module_name: layer.adapters[name] for layer in self.layers() if name in layer.adapters}
+
+    # -- validation ------------------------------------------------------------------------
+
+    def check_new_name(self, name: str) -> None:
+        """Raise :class:`AdapterExistsError` unless ``name`` is a valid, unused adapter name."""
+        if not isinstance(name, str) or not _NAME_PATTERN.match(name) or name in _RESERVED:
+            raise AdapterExistsError(
+                f"Invalid adapter name {name!r}: use letters, digits, '_' and '-' only "
+                f"(and not one of the reserved names {format_choices(_RESERVED)})."
+            )
+        if hasattr(nn.ModuleDict(), name):  # the per-layer bank is an nn.ModuleDict
+            raise AdapterExistsError(
+                f"Invalid adapter name {name!r}: it is the name of a torch module attribute "
+                f"(like 'train' or 'forward'). Pick another, e.g. {name + '_adapter'!r}."
+            )
+        if name in self.configs:
+            raise AdapterExistsError(
+                f"An adapter named {name!r} is already loaded. Loaded: "
+                f"{format_choices(self._names)}. Pick another adapter_name or "
+                f"delete_adapter({name!r}) first."
+            )
+
+    def check_known(self, names: Sequence[str]) -> None:
+        """Raise :class:`UnknownAdapterError` for the first name that is not loaded."""
+        for name in names:
+            if name not in self.configs:
+                raise UnknownAdapterError(
+                    f"No adapter named {name!r}. Loaded: {format_choices(self._names)}. "
+                    f"Load it with model.load_adapter(path, adapter_name={name!r})."
+                )
+
+    # -- changing --------------------------------------------------------------------------
+
+    def install(
+        self, name: str, config: AdapterConfig, layers: Mapping[str, AdapterLayer], trainable: bool
+    ) -> None:
+        """Attach fully built layers as adapter ``name``; all checks happen before any change.
+
+        Args:
+            name: New adapter name (checked with :meth:`check_new_name`).
+            config: Its config (kept in :attr:`configs`).
+            layers: Module name -> built adapter layer.
+            trainable: Whether its parameters require gradients.
+        """
+        with self._lock.writing():
+            self.check_new_name(name)
+            for module_name, layer in layers.items():
+                low_rank = layer.low_rank()
+                if low_rank is not None and low_rank[0].shape[0] > self.max_rank:
+                    raise AdapterShapeError(
+                        f"Adapter {name!r} has rank {low_rank[0].shape[0]} on {module_name!r}, above "
+                        f"this model's cap max_rank={self.max_rank}. Raise it with "
+                        f"MixtureModel.from_pretrained(..., max_rank=...)."
+                    )
+            for module_name, layer in layers.items():
+                base_layer = self.base_layer(module_name)
+                weight = next(base_layer.parameters())
+                layer.to(device=weight.device)
+                layer.attach_base(base_layer)
+                layer.requires_grad_(trainable)
+                wrapper = self.base_model.get_submodule(module_name)
+                if not isinstance(wrapper, MixtureLinear):
+                    wrapper = MixtureLinear(base_layer, module_name, self)
+                    parent_name, _, child = module_name.rpartition(".")
+                    setattr(self.base_model.get_submodule(parent_name), child, wrapper)
+                wrapper.add_adapter_layer(name, layer)
+            self.configs[name] = config
+            self._names = (*self._names, name)
+            self.layout_version += 1
+        logger.info("Adapter %r ready on %d modules.", name, len(layers))
+
+    def remove(self, name: str) -> AdapterConfig:
+        """Detach adapter ``name`` from every layer; returns its config."""
+        with self._lock.writing():
+            self.check_known([name])
+            for layer in self.layers():
+                layer.remove_adapter_layer(name)
+            config = self.configs.pop(name)
+            self._names = tuple(n for n in self._names if n != name)
+            self.layout_version += 1
+        return config
+
+    def unwrap_all(self) -> None:
+        """Put every original linear layer back in place of its wrapper (adapters dropped)."""
+        with self._lock.writing():
+            for layer in list(self.layers()):
+                parent_name, _, child = layer.module_name.rpartition(".")
+                setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+            self.configs.clear()
+            self._names = ()
+            self.layout_version += 1
