@@ -39,7 +39,7 @@ from moa.eval.assets import load_adapters, router_dir, shipped_adapters_dir
 from moa.eval.runner import RecordingRouter
 from moa.routing.learned_gate import LearnedGate
 from moa.routing.router import Router, RoutingRequest
-from moa.train.chat import encode_prompts
+from moa.data.chat import encode_prompts
 from moa.train.recipes import DEMO_RECIPE
 from moa.train.sft import add_training_adapter
 

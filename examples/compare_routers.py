@@ -35,7 +35,7 @@ import moa
 from moa.data import DOMAINS, HELD_OUT_PHRASINGS, Example, load_split
 from moa.routing import Router, RoutingRequest
 from moa.routing.learned_gate import LearnedGate
-from moa.train.chat import chat_prompt, ensure_pad_token, pad_batch
+from moa.data.chat import chat_prompt, ensure_pad_token, pad_batch
 from moa.train.router import collect_features, layer_inputs, train_gate_on_labels
 
 logger = logging.getLogger("compare_routers")

@@ -17,7 +17,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from moa.bnb_hint import install_kernel_hint_filter
+
 __version__ = "0.1.0"
+
+# bitsandbytes' offline "kernels-community" WARNING -> moa's log (DEBUG), whoever imports it first.
+install_kernel_hint_filter()
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

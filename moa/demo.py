@@ -96,7 +96,7 @@ def run_demo(
     from moa.eval import EvalConfig, evaluate, render_markdown, write_report
     from moa.eval.assets import load_adapters, shipped_adapters_dir
     from moa.eval.runner import generate_routed, score_examples
-    from moa.train.chat import answer_token_budget
+    from moa.data.chat import answer_token_budget
     from moa.train.recipes import DEMO_RECIPE
     from moa.train.router import train_router
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama bases (fast) and seeds."""
+"""Shared fixtures: the tiny random Llama base of moa.testing.fixtures (fast), a clean test env."""
 
 from __future__ import annotations
 
@@ -31,76 +31,27 @@ def _free_local_port() -> int:
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_free_local_port()}"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-TINY_CONFIG = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-)
+from moa.testing.fixtures import make_tiny_model, random_input_ids, save_tiny_base  # noqa: E402
 
-
-def make_tiny_llama(seed: int = 0, **overrides):
-    """A tiny random LlamaForCausalLM (fp32, eval mode)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides}))
-    return model.eval()
-
-
-def make_tiny_tokenizer():
-    """A 256-token tokenizer for the tiny base: one token per byte-ish character class.
-
-    Token ids stay below the tiny vocab size; words split on whitespace, unknown words map
-    to ``<unk>``. Enough to exercise text routing, chat prompts and generation.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<pad>", "<s>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for ch in (chr(c) for c in range(33, 127)):
-        vocab.setdefault(ch, len(vocab))
-    words = "the a of to and in is it you that what sql code math french medical write compute".split()
-    for word in words:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(pattern="", behavior="isolated")]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
+# The one tiny base of every test is moa.testing.fixtures' (a random 4-layer Llama, hidden 64,
+# byte-level tokenizer: vocab 258, <eos> 256, <pad> 257); build variants with its
+# make_tiny_base(seed, **overrides) / save_tiny_base(path, seed, **overrides).
 
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
-    """A tiny random Llama saved as a local base folder (safetensors + tokenizer)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny_llama().save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
+    """The tiny random Llama saved as a local base folder (safetensors + tokenizer), once."""
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture
 def tiny_model(tiny_base_dir):
-    """A fresh fp32 MixtureModel over the tiny base, no adapters."""
-    from transformers import LlamaForCausalLM
-
-    import moa
-
-    base = LlamaForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
-    return moa.MixtureModel(base)
+    """A fresh fp32 MixtureModel over the tiny base, with its tokenizer, no adapters."""
+    return make_tiny_model(tiny_base_dir)
 
 
 @pytest.fixture
 def input_ids():
     """A [4, 7] batch of token ids for the tiny base."""
-    generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, TINY_CONFIG["vocab_size"], (4, 7), generator=generator)
+    return random_input_ids(4, 7)

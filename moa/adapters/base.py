@@ -26,7 +26,9 @@ class AdapterConfig:
 
     Attributes:
         target_modules: Module names or suffixes (``["q_proj", "v_proj"]``), a regex
-            matched against full module names, or ``"all-linear"``.
+            matched against full module names, or ``"all-linear"``. ``None`` only for
+            types with :attr:`accepts_default_target_modules` (PEFT's default for the
+            base's architecture, resolved when the adapter is added).
         base_model_name_or_path: The base this adapter was made for (informational;
             the fingerprint in the weights file is what is checked).
         task_type: PEFT task type (``"CAUSAL_LM"``).
@@ -34,6 +36,9 @@ class AdapterConfig:
 
     adapter_type: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
+    #: Whether ``target_modules=None`` means PEFT's default modules for the base's architecture
+    #: (``moa.model.targets.peft_default_target_modules``); otherwise ``None`` is refused.
+    accepts_default_target_modules: ClassVar[bool] = False
 
     target_modules: Sequence[str] | str | None = None
     base_model_name_or_path: str | None = None
@@ -41,6 +46,8 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Raise :class:`AdapterConfigError` for values this type cannot honour."""
+        if self.target_modules is None and self.accepts_default_target_modules:
+            return  # resolved against the base when the adapter is added
         if self.target_modules is None or (
             not isinstance(self.target_modules, str) and len(self.target_modules) == 0
         ):

@@ -22,6 +22,9 @@ class LoraConfig(AdapterConfig):
     """LoRA hyper-parameters; the same names and defaults as ``peft.LoraConfig``.
 
     Attributes:
+        target_modules: As in :class:`~moa.adapters.base.AdapterConfig`; ``None`` (the
+            default, as in PEFT) picks PEFT's default modules for the base's architecture
+            (``q_proj`` and ``v_proj`` for Llama), and a saved adapter records them.
         r: Rank.
         lora_alpha: Scaling numerator: scale = ``lora_alpha / r`` (or ``/ sqrt(r)`` with
             ``use_rslora``).
@@ -43,6 +46,7 @@ class LoraConfig(AdapterConfig):
 
     adapter_type: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
+    accepts_default_target_modules: ClassVar[bool] = True  # PEFT's per-architecture default
 
     r: int = 8
     lora_alpha: float = 8
@@ -59,6 +63,10 @@ class LoraConfig(AdapterConfig):
     inference_mode: bool = False
 
     def validate(self) -> None:
+        """Raise :class:`AdapterConfigError` for values moa's LoRA cannot honour.
+
+        ``target_modules=None`` is valid: PEFT's default for the base is used.
+        """
         super().validate()
         ranks = [self.r, *self.rank_pattern.values()]
         if any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):

@@ -77,6 +77,37 @@ def split_peft_key(key: str, suffixes: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
+def is_local_path(text: str) -> bool:
+    """Whether ``text`` names a local file system location (absolute, ``~``/``.``-relative, or existing)."""
+    return (
+        os.path.isabs(text) or text.startswith(("~", "./", "../", ".\\")) or "\\" in text
+        or bool(re.match(r"^[A-Za-z]:", text)) or Path(text).expanduser().exists()
+    )
+
+
+def portable_base_model_name(
+    configured: str | None, name_or_path: str | None, hub_id: str | None
+) -> str | None:
+    """The ``base_model_name_or_path`` to write into ``adapter_config.json``.
+
+    PEFT writes the base's ``name_or_path``, which for a base loaded from a local folder is
+    a path on this machine, so ``AutoPeftModelForCausalLM.from_pretrained(folder)`` fails
+    anywhere else. When the base's Hub id is known it is written instead of a local path;
+    a value set on the adapter config that is not a local path (e.g. another Hub id) is kept.
+
+    Args:
+        configured: ``config.base_model_name_or_path`` of the adapter (``None`` if unset).
+        name_or_path: The base's ``config._name_or_path``.
+        hub_id: The base's Hub id if known (``moa.model.base_loading.base_hub_id``), else ``None``.
+
+    Returns:
+        The Hub id, the configured value, or (no Hub id known) ``configured or name_or_path``.
+    """
+    if hub_id and (not configured or configured == name_or_path or is_local_path(configured)):
+        return hub_id
+    return configured or name_or_path or None
+
+
 def write_adapter_folder(
     directory: str | os.PathLike,
     config: Mapping[str, Any],

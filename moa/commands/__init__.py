@@ -13,4 +13,5 @@ COMMAND_MODULES: tuple[str, ...] = (
     "moa.commands.train",
     "moa.commands.eval",
     "moa.commands.generate",
+    "moa.commands.serve",
 )

@@ -33,7 +33,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     composite = load_composite() if config.composite else []
     if args.limit and composite:
         composite = composite[: args.limit]
-    from moa.train.chat import answer_token_budget
+    from moa.data.chat import answer_token_budget
 
     budgets = {d: answer_token_budget(model.tokenizer, [e.answer for e in load_split(d, "train")]) for d in domains}
     result = evaluate(model, examples, [d for d in names if d in DOMAINS], gate=gate, composite=composite,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from moa.routing.decision import Mixture
 from moa.routing.router import Router, RoutingRequest
-from moa.train.chat import answer_token_budget, chat_prompt, ensure_pad_token, pad_batch
+from moa.data.chat import answer_token_budget, chat_prompt, ensure_pad_token, pad_batch
 
 logger = logging.getLogger(__name__)
 

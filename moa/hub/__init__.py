@@ -13,12 +13,15 @@ Example::
     folder = moa.pull_adapter("alice/sql-lora", revision=result.oid)
     moa.push_mixture(model, "alice/sql-code", adapters={"sql": "alice/sql-lora", "code": "alice/code-lora"})
     manifest = moa.pull_mixture("alice/sql-code", model=other_model)
+    moa.hub.save_pretrained(model, "out/all")              # PEFT's multi-adapter layout, one folder
+    moa.hub.push_to_hub(model, "alice/all-adapters")       # the same layout, one commit
 """
 
 from __future__ import annotations
 
 from moa.hub.manifest import AdapterPin, BaseSpec, MixtureManifest, RouterPin, pull_mixture, push_mixture
 from moa.hub.pull import PulledRepo, fetch_verified, load_router_folder, pull_adapter, pull_router
+from moa.hub.pretrained import load_pretrained_adapters, pull_pretrained, push_to_hub, save_pretrained
 from moa.hub.push import PushResult, push_adapter, push_adapter_folder, push_router
 from moa.hub.verify import Limits
 
@@ -31,12 +34,16 @@ __all__ = [
     "PushResult",
     "RouterPin",
     "fetch_verified",
+    "load_pretrained_adapters",
     "load_router_folder",
     "pull_adapter",
     "pull_mixture",
+    "pull_pretrained",
     "pull_router",
     "push_adapter",
     "push_adapter_folder",
     "push_mixture",
     "push_router",
+    "push_to_hub",
+    "save_pretrained",
 ]

@@ -210,6 +210,87 @@ manifest = pull_mixture("{repo_id}", model=model)   # all adapters verified, the
 """
 
 
+def render_pretrained_card(
+    *,
+    repo_id: str,
+    adapters: Mapping[str, tuple[str, Mapping[str, Any]]],
+    base: Mapping[str, Any],
+    active: Sequence[str] = (),
+    license: str | None = None,  # noqa: A002
+    description: str | None = None,
+    files: Mapping[str, str] | None = None,
+) -> str:
+    """The README.md of a multi-adapter repo (``save_pretrained`` layout, see :mod:`moa.hub.pretrained`).
+
+    Args:
+        repo_id: Where it is pushed (``owner/name``), used in the usage snippets.
+        adapters: Adapter name -> (its folder in the repo, ``"."`` for the root; its ``adapter_config.json``),
+            the root adapter first.
+        base: ``moa.json``'s ``base`` block (``model_id``, ``fingerprint``, ``quantization``) of the adapters.
+        active: The adapters that were active when saved.
+        license: Hub license id; omitted when ``None``.
+        description: One paragraph on what the adapters do.
+        files: File name -> sha256 of the files pushed with it.
+    """
+    names = list(adapters)
+    base_id = str(base.get("model_id") or next(
+        (c.get("base_model_name_or_path") for _, c in adapters.values() if c.get("base_model_name_or_path")), ""))
+    types = sorted({str(c.get("peft_type", "?")).lower() for _, c in adapters.values()})
+    yaml = _front_matter(
+        repo_id=repo_id, library_name="peft", base_model=base_id, tags=["peft", *types, "adapter", "multi-adapter"],
+        license=license, domains=[], metrics=None,
+        moa_block={"kind": "multi-adapter", "adapters": names, "base_fingerprint": base.get("fingerprint"),
+                   "quantization": base.get("quantization"), "version": moa.__version__},
+    )
+    rows = []
+    for name, (folder, config) in adapters.items():
+        targets = config.get("target_modules")
+        targets_text = ", ".join(targets) if isinstance(targets, list) else str(targets)
+        where = "(root)" if folder == "." else f"`{folder}/`"
+        rows.append(f"| `{name}` | {where} | `{config.get('peft_type', '?')}` | {config.get('r', '-')} / "
+                    f"{config.get('lora_alpha', '-')} | {targets_text} |")
+    first = names[0]
+    others = [(n, f) for n, (f, _) in adapters.items() if n != first]
+    peft_loads = "".join(f'model.load_adapter("{repo_id}", adapter_name="{n}", subfolder="{f}")\n' for n, f in others)
+    first_folder = adapters[first][0]
+    root_kwargs = f', adapter_name="{first}"' + ("" if first_folder == "." else f', subfolder="{first_folder}"')
+    return f"""{yaml}
+# {repo_id.rsplit('/', 1)[-1]}
+
+{description or f"{len(names)} adapters for `{base_id or 'one base model'}`"}, published with moa in PEFT's multi-adapter layout: the first adapter at the root, each other one in a subfolder named after it; every folder holds `adapter_config.json` + `adapter_model.safetensors` (no pickle). `moa_adapters.json` lists the adapters, their folders and the sha256 of every file.
+
+| adapter | folder | type | rank / alpha | target modules |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Base: `{base_id or '?'}` (fingerprint `{base.get('fingerprint') or '?'}`, quantization at training `{base.get('quantization') or 'none'}`).{f" Active when saved: {', '.join(f'`{a}`' for a in active)}." if active else ""}
+
+## Use with moa
+
+```python
+import moa
+from moa.hub.pretrained import load_pretrained_adapters
+
+model = moa.MixtureModel.from_pretrained("{base_id or 'default'}", quantization="nf4")
+load_pretrained_adapters(model, "{repo_id}")   # verified pull (every file's sha256), all adapters or none
+out = model(input_ids, adapter_names=["{first}"] * len(input_ids))
+```
+
+## Use with PEFT
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{base_id or '<base model>'}")
+model = PeftModel.from_pretrained(base, "{repo_id}"{root_kwargs})
+{peft_loads}model.set_adapter("{first}")
+```
+
+moa checks the base fingerprint above when loading; PEFT does not, so load them on the same base.
+{_files_table(files)}"""
+
+
 def _slot_name(repo_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", repo_name) or "adapter"
 
@@ -221,4 +302,10 @@ def read_card_metadata(text: str) -> dict[str, Any]:
     return ModelCard(text).data.to_dict()
 
 
-__all__ = ["read_card_metadata", "render_adapter_card", "render_mixture_card", "render_router_card"]
+__all__ = [
+    "read_card_metadata",
+    "render_adapter_card",
+    "render_mixture_card",
+    "render_pretrained_card",
+    "render_router_card",
+]

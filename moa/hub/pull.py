@@ -58,16 +58,22 @@ CARD_NAME = "README.md"
 ROUTER_CONFIG_NAME = "router_config.json"
 ROUTER_WEIGHTS_NAME = "router.safetensors"
 MANIFEST_NAME = "moa_mixture.json"
+#: Index of a multi-adapter (``save_pretrained``) folder or repo; see :mod:`moa.hub.pretrained`.
+PRETRAINED_INDEX_NAME = "moa_adapters.json"
 #: The files a pull fetches for each kind of repo (others in the repo are never downloaded).
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, MOA_METADATA_NAME, CARD_NAME)
 ROUTER_FILES = (ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME, CARD_NAME)
 MIXTURE_FILES = (MANIFEST_NAME, CARD_NAME)
+#: A multi-adapter repo is fetched in two steps: its index first, then the files the index pins.
+PRETRAINED_FILES = (PRETRAINED_INDEX_NAME, CARD_NAME)
 _REQUIRED = {
     "adapter": (CONFIG_NAME, WEIGHTS_NAME),
     "router": (ROUTER_CONFIG_NAME, ROUTER_WEIGHTS_NAME),
     "mixture": (MANIFEST_NAME,),
+    "pretrained": (PRETRAINED_INDEX_NAME,),
 }
-_WANTED = {"adapter": ADAPTER_FILES, "router": ROUTER_FILES, "mixture": MIXTURE_FILES}
+_WANTED = {"adapter": ADAPTER_FILES, "router": ROUTER_FILES, "mixture": MIXTURE_FILES,
+           "pretrained": PRETRAINED_FILES}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
@@ -228,7 +234,8 @@ def fetch_verified(
 
     Args:
         repo_id: ``owner/name``.
-        kind: ``"adapter"``, ``"router"`` or ``"mixture"``: which files to fetch and require.
+        kind: ``"adapter"``, ``"router"``, ``"mixture"`` or ``"pretrained"`` (a multi-adapter
+            index): which files to fetch and require.
         revision: Branch, tag or commit (default ``main``).
         pinned: File name -> sha256 that must match exactly (then exactly these files are fetched).
         cache_dir: HF cache folder (default: huggingface_hub's).
@@ -272,7 +279,7 @@ def fetch_verified(
         )
     if offline:
         _check_required(kind, wanted, dict.fromkeys(local), source, pinned is not None)
-        commit = next(iter(local.values())).parent.name
+        commit = _snapshot_root(*next(iter(local.items()))).name
     digests: dict[str, str] = {}
     for name, path in local.items():
         expectation = listed.get(name) or _cached_expectation(path, name)
@@ -283,11 +290,11 @@ def fetch_verified(
             else:
                 digests[name] = check_against_listing(path, expectation, source)
             if pinned is not None and digests[name] != pinned[name]:
-                verify_digests(path.parent, {name: pinned[name]}, source)
+                verify_digests(_snapshot_root(name, path), {name: pinned[name]}, source)
         except IntegrityError:
             _evict(path)
             raise
-    folder = next(iter(local.values())).parent
+    folder = _snapshot_root(*next(iter(local.items())))
     if not offline and revision != commit:
         _remember_ref(folder, revision or "main", str(commit))
     if kind == "adapter":
@@ -297,6 +304,11 @@ def fetch_verified(
     logger.info("Pulled %s at commit %s (%d files verified).", repo_id, commit, len(digests))
     return PulledRepo(repo_id=repo_id, revision=revision, commit=str(commit), path=folder, files=digests,
                       from_cache=offline)
+
+
+def _snapshot_root(name: str, path: Path) -> Path:
+    """The snapshot folder holding ``path``, the local copy of repo file ``name`` (which may be ``a/b.json``)."""
+    return path.parents[name.count("/")]
 
 
 def _check_required(kind: str, wanted: Sequence[str], present: Mapping[str, Any], source: str, pinned: bool) -> None:
@@ -568,6 +580,8 @@ def load_router_folder(folder: str | os.PathLike) -> Any | None:
 __all__ = [
     "ADAPTER_FILES",
     "MANIFEST_NAME",
+    "PRETRAINED_FILES",
+    "PRETRAINED_INDEX_NAME",
     "ROUTER_CONFIG_NAME",
     "ROUTER_FILES",
     "ROUTER_WEIGHTS_NAME",
@@ -584,3 +598,24 @@ __all__ = [
     "router_type_of",
     "shipped_folder",
 ]
+
+
+def resolve_adapter_folder(
+    path_or_repo_id: str | os.PathLike, revision: str | None = None, *, max_rank: int | None = None
+) -> Path:
+    """A local folder for an adapter given as a folder or a Hub repo id.
+
+    Hub repos come through :func:`pull_adapter` (from the local cache when
+    ``HF_HUB_OFFLINE=1``): safe names, safetensors only, sizes, ranks (``max_rank``) and
+    every file's hash are checked before the folder is returned; pickles are never fetched.
+    """
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+        raise AdapterFormatError(
+            f"Adapter {text!r} is neither a folder nor a Hub repo id ('owner/name'). Give the "
+            f"folder holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a repo id."
+        )
+    return pull_adapter(text, revision=revision, max_rank=max_rank)

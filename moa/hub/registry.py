@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 import moa
 from moa.errors import HubError, IntegrityError, MoaError, RegistryError, format_choices
 from moa.hub.schema_check import validate
@@ -299,13 +301,8 @@ _SHIPPED_DESCRIPTIONS = {
 }
 
 
-def _toml_string(value: str) -> str:
-    """A TOML basic string (JSON's escapes are all valid TOML escapes)."""
-    return json.dumps(value)
-
-
 def render_shipped_entries(manifest: str | os.PathLike | None = None) -> dict[str, str]:
-    """The TOML text of the registry entry of every demo adapter, by name.
+    """The TOML text (written with ``tomli-w``) of the registry entry of every demo adapter, by name.
 
     Each adapter folder of the manifest (one holding ``adapter_config.json``) becomes a
     shipped entry: ``source = "moa/demo_adapters/<name>"``, the base model, fingerprint and
@@ -338,26 +335,19 @@ def render_shipped_entries(manifest: str | os.PathLike | None = None) -> dict[st
         if "adapter_config.json" not in pins:  # e.g. router/
             continue
         accuracy = data.get("metrics", {}).get(name, {}).get("dev_accuracy")
-        lines = [
-            _SHIPPED_HEADER.rstrip("\n"),
-            f"name = {_toml_string(name)}",
-            f"source = {_toml_string(SHIPPED_PREFIX + name)}",
-            'adapter_type = "lora"',
-            f"description = {_toml_string(_SHIPPED_DESCRIPTIONS.get(name, f'Demo LoRA for the {name} domain.'))}",
-            f"domains = [{_toml_string(name)}]",
-            'license = "apache-2.0"',
-            "",
-            "[base]",
-            f"model_id = {_toml_string(base[0])}",
-            f"fingerprint = {_toml_string(base[1])}",
-            f"quantization = {_toml_string(base[2])}",
-            "",
-            "[files]",
-            *(f"{_toml_string(file)} = {_toml_string(digest)}" for file, digest in sorted(pins.items())),
-        ]
-        if isinstance(accuracy, (int, float)):
-            lines += ["", "[metrics]", f"dev_accuracy = {float(accuracy)!r}"]
-        entries[name] = "\n".join(lines) + "\n"
+        entry: dict[str, Any] = {
+            "name": name,
+            "source": SHIPPED_PREFIX + name,
+            "adapter_type": "lora",
+            "description": _SHIPPED_DESCRIPTIONS.get(name, f"Demo LoRA for the {name} domain."),
+            "domains": [name],
+            "license": "apache-2.0",
+            "base": {"model_id": base[0], "fingerprint": base[1], "quantization": base[2]},
+            "files": dict(sorted(pins.items())),
+        }
+        if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool):
+            entry["metrics"] = {"dev_accuracy": float(accuracy)}
+        entries[name] = _SHIPPED_HEADER + tomli_w.dumps(entry)
     return entries
 
 

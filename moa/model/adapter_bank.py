@@ -211,6 +211,9 @@ class AdapterBank:
                     wrapper = MixtureLinear(base_layer, module_name, self)
                     parent_name, _, child = module_name.rpartition(".")
                     setattr(self.base_model.get_submodule(parent_name), child, wrapper)
+                # new modules start in training mode; an eval-mode base must not get adapter dropout
+                wrapper.train(base_layer.training)
+                layer.train(base_layer.training)
                 wrapper.add_adapter_layer(name, layer)
             self.configs[name] = config
             self._names = (*self._names, name)

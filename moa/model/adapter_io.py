@@ -12,8 +12,8 @@ from moa.adapters.base import AdapterConfig, AdapterLayer
 from moa.adapters.peft_format import (
     CONFIG_NAME,
     FINGERPRINT_KEY,
-    WEIGHTS_NAME,
     peft_key,
+    portable_base_model_name,
     read_adapter_folder,
     split_peft_key,
     write_adapter_folder,
@@ -31,33 +31,10 @@ if TYPE_CHECKING:
     from moa.model.mixture_model import MixtureModel
 
 
-def resolve_adapter_source(
-    path_or_repo_id: str | os.PathLike, revision: str | None = None, *, max_rank: int | None = None
-) -> Path:
-    """A local folder for an adapter given as a folder or a Hub repo id.
-
-    Hub repos come through :func:`moa.hub.pull.pull_adapter` (from the local cache when
-    ``HF_HUB_OFFLINE=1``): safe names, safetensors only, sizes, ranks (``max_rank``) and
-    every file's hash are checked before the folder is returned; pickles are never fetched.
-    """
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        return path
-    text = str(path_or_repo_id)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
-        raise AdapterFormatError(
-            f"Adapter {text!r} is neither a folder nor a Hub repo id ('owner/name'). Give the "
-            f"folder holding {CONFIG_NAME} and {WEIGHTS_NAME}, or a repo id."
-        )
-    from moa.hub.pull import pull_adapter
-
-    return pull_adapter(text, revision=revision, max_rank=max_rank)
-
-
-def read_adapter(
-    model: MixtureModel, path_or_repo_id: str | os.PathLike, revision: str | None = None
-) -> tuple[AdapterConfig, dict[str, AdapterLayer]]:
+def read_adapter(model: MixtureModel, folder: str | os.PathLike) -> tuple[AdapterConfig, dict[str, AdapterLayer]]:
     """Build (but do not install) the layers of an adapter folder, checking everything.
+
+    Hub repos are fetched (and verified) by the caller first: ``MixtureModel.load_adapter``.
 
     Raises:
         AdapterFormatError: unreadable folder, corrupt weights, unexpected tensor names.
@@ -68,12 +45,12 @@ def read_adapter(
     """
     from moa.plugin import adapter_type_for_config
 
-    files = read_adapter_folder(resolve_adapter_source(path_or_repo_id, revision, max_rank=model.max_rank))
+    files = read_adapter_folder(folder)
     saved_fingerprint = files.base_fingerprint
     if saved_fingerprint and saved_fingerprint != model.base_fingerprint:
         saved_base = files.moa.get("base", {}).get("name_or_path") or files.config.get("base_model_name_or_path")
         raise BaseModelMismatchError(
-            f"Adapter {str(path_or_repo_id)!r} was made for base {saved_base!r} (fingerprint "
+            f"Adapter {str(folder)!r} was made for base {saved_base!r} (fingerprint "
             f"{saved_fingerprint}), but this model's base is "
             f"{getattr(model.config, '_name_or_path', '?')!r} (fingerprint {model.base_fingerprint}). "
             f"Load it on the base it was trained on."
@@ -81,7 +58,7 @@ def read_adapter(
     peft_type = files.config.get("peft_type")
     if not isinstance(peft_type, str):
         raise AdapterConfigError(
-            f"{CONFIG_NAME} of {str(path_or_repo_id)!r} has no 'peft_type' (got {peft_type!r}); "
+            f"{CONFIG_NAME} of {str(folder)!r} has no 'peft_type' (got {peft_type!r}); "
             f"it is not a PEFT adapter config."
         )
     # A type whose config class accepts() this config (DoRA: LORA + use_dora) wins over
@@ -94,13 +71,13 @@ def read_adapter(
         parsed = split_peft_key(key, suffixes)
         if parsed is None:
             raise AdapterFormatError(
-                f"Tensor {key!r} in {str(path_or_repo_id)!r} is not a {spec.name} tensor (expected "
+                f"Tensor {key!r} in {str(folder)!r} is not a {spec.name} tensor (expected "
                 f"names ending in {format_choices(suffixes)})."
             )
         module_name, suffix = parsed
         by_module[module_name][suffix] = tensor
     if not by_module:
-        raise AdapterFormatError(f"{str(path_or_repo_id)!r} holds no adapter tensors.")
+        raise AdapterFormatError(f"{str(folder)!r} holds no adapter tensors.")
     linear = {n.replace(".base_layer", "") for n in linear_module_names(model.base_model)}
     linear |= {layer.module_name for layer in model.mixture_layers()}
     layers: dict[str, AdapterLayer] = {}
@@ -111,7 +88,7 @@ def read_adapter(
                 f"this base. Its linear modules end in: "
                 f"{format_choices(module_suffixes(sorted(linear)))}. Was it made for another base?"
             )
-        layer = spec.layer_class(config, module_name, *linear_features(model._base_layer(module_name)))
+        layer = spec.layer_class(config, module_name, *linear_features(model.bank.base_layer(module_name)))
         layer.load_peft_state_dict(tensors)
         layers[module_name] = layer
     return config, layers
@@ -119,7 +96,7 @@ def read_adapter(
 
 def write_adapter(model: MixtureModel, adapter_name: str, directory: str | os.PathLike) -> Path:
     """Save one adapter of ``model`` as a PEFT folder (atomically)."""
-    from moa.model.base_loading import describe_base
+    from moa.model.base_loading import base_hub_id, describe_base
 
     config = model.peft_config[adapter_name]
     layers = model.adapter_layers(adapter_name)
@@ -129,10 +106,14 @@ def write_adapter(model: MixtureModel, adapter_name: str, directory: str | os.Pa
         for suffix, tensor in layer.peft_state_dict().items()
     }
     config_dict = config.to_dict()
-    if config_dict.get("target_modules") == "all-linear":
-        config_dict["target_modules"] = module_suffixes(sorted(layers))  # PEFT saves it expanded
+    if config_dict.get("target_modules") in ("all-linear", None):
+        # PEFT saves "all-linear" expanded, and None as the default modules it resolved to
+        config_dict["target_modules"] = module_suffixes(sorted(layers))
     base = describe_base(model.base_model)
-    config_dict["base_model_name_or_path"] = config.base_model_name_or_path or base.get("name_or_path")
+    # The base's Hub id rather than a path on this machine, so PEFT's AutoPeftModel loads it anywhere.
+    config_dict["base_model_name_or_path"] = portable_base_model_name(
+        config.base_model_name_or_path, base.get("name_or_path"), base_hub_id(model.base_model)
+    )
     metadata = {
         FINGERPRINT_KEY: model.base_fingerprint,
         "moa.adapter_type": config.adapter_type,

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,14 +27,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from moa.bnb_hint import install_kernel_hint_filter
 from moa.errors import BaseModelError, MissingDependencyError, UnsupportedQuantizationError
-from moa.model.default_base import DEFAULT_BASE_ID, default_base_dir, default_base_path, moa_home
+from moa.model.default_base import (
+    DEFAULT_BASE_ID,
+    MARKER_FILENAME,
+    default_base_dir,
+    default_base_path,
+    moa_home,
+)
 from moa.model.targets import is_quantized_linear, linear_features
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+install_kernel_hint_filter()  # before anything (transformers, PEFT) imports bitsandbytes
 
 QUANTIZATION_CHOICES: tuple[str | None, ...] = ("nf4", None)
 """Values ``load_base`` accepts for ``quantization``."""
@@ -47,6 +56,12 @@ FINGERPRINT_CONFIG_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json",
+)  # fmt: skip
+"""File names that make a local base folder count as having a tokenizer (any one of them)."""
+TOKENIZER_FILE_PATTERNS = ("*.tiktoken", "tokenizer*.json", "vocab.*")
 _WRAPPED_CHILD = "base_layer"  # PEFT's (and moa's) name for the wrapped original module
 _PEFT_PREFIX = "base_model.model."
 
@@ -89,7 +104,7 @@ def load_base(
     quantization: str | None = "nf4",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a frozen base causal LM and its tokenizer, dense or NF4-quantized.
 
     Args:
@@ -103,7 +118,8 @@ def load_base(
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, every parameter has
-        ``requires_grad=False`` and ``config.use_cache`` is True.
+        ``requires_grad=False`` and ``config.use_cache`` is True. ``tokenizer`` is ``None``
+        for a local folder without tokenizer files (logged at DEBUG).
 
     Raises:
         UnsupportedQuantizationError: ``quantization`` is not one of ``QUANTIZATION_CHOICES``.
@@ -160,8 +176,9 @@ def _not_loadable(base: object, path: str, what: str, exc: BaseException) -> Bas
     if Path(path).is_dir():
         return BaseModelError(
             f"Could not load the {what} of base model {os.fspath(base)!r} from the local folder {path!r}: "
-            f"{type(exc).__name__}: {exc}. The folder needs config.json, model weights (safetensors) "
-            "and tokenizer files as written by save_pretrained; or pass base='default'."
+            f"{type(exc).__name__}: {exc}. The folder needs config.json and model weights (safetensors) as "
+            "written by save_pretrained, and, if it has tokenizer files, a complete tokenizer (without any "
+            "tokenizer file it loads with tokenizer=None); or pass base='default'."
         )
     return BaseModelError(
         f"Base model {path!r} is neither an existing local folder nor a Hub id in the local Hugging Face "
@@ -171,9 +188,27 @@ def _not_loadable(base: object, path: str, what: str, exc: BaseException) -> Bas
     )
 
 
-def _load_tokenizer(path: str, base: object, extra: dict[str, Any]) -> PreTrainedTokenizerBase:
+def has_tokenizer_files(folder: str | os.PathLike[str]) -> bool:
+    """Whether a local model folder holds any tokenizer file (``tokenizer.json``, ``vocab.*``...)."""
+    path = Path(folder)
+    return any((path / name).is_file() for name in TOKENIZER_FILES) or any(
+        child.is_file() for pattern in TOKENIZER_FILE_PATTERNS for child in path.glob(pattern)
+    )
+
+
+def _load_tokenizer(path: str, base: object, extra: dict[str, Any]) -> PreTrainedTokenizerBase | None:
+    """The base's tokenizer; ``None`` for a local folder without tokenizer files.
+
+    A folder that has tokenizer files which do not load is an error (never silently no tokenizer).
+    """
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not has_tokenizer_files(path):
+        logger.debug(
+            "Base folder %s has no tokenizer files (%s): loading it without a tokenizer (tokenizer=None); "
+            "pass token ids, or text only after setting model.tokenizer.", path, ", ".join(TOKENIZER_FILES[:3]),
+        )
+        return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError, KeyError) as exc:
@@ -222,22 +257,15 @@ def _load_nf4(
 # --- bitsandbytes ------------------------------------------------------------------------
 
 
-class _DropKernelsHubHint(logging.Filter):
-    """Demote bitsandbytes' import-time hint about the optional 'kernels' package to DEBUG."""
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "kernels-community" in str(record.msg):
-            logger.debug("bitsandbytes: %s", record.getMessage())
-            return False
-        return True
-
-
 def import_bitsandbytes() -> ModuleType:
-    """Import bitsandbytes, or raise :class:`MissingDependencyError` with the install command."""
+    """Import bitsandbytes, or raise :class:`MissingDependencyError` with the install command.
+
+    bitsandbytes' import-time WARNING about its optional CPU kernel on the Hub
+    ("kernels-community") goes to moa's log at DEBUG instead (see :mod:`moa.bnb_hint`).
+    """
+    install_kernel_hint_filter()
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
-    ops_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    hint_filter = _DropKernelsHubHint()
-    ops_logger.addFilter(hint_filter)
     try:
         import bitsandbytes
     except ImportError as exc:
@@ -245,8 +273,6 @@ def import_bitsandbytes() -> ModuleType:
             f"NF4 quantization needs the package 'bitsandbytes', which did not import ({exc}). "
             "Install it with: pip install bitsandbytes  (or load the base with quantization=None)."
         ) from exc
-    finally:
-        ops_logger.removeFilter(hint_filter)
     return bitsandbytes
 
 
@@ -392,15 +418,15 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
     """Describe a base model for adapter metadata (JSON-serialisable).
 
     Returns:
-        ``model_id`` (the Hub id for the default base, else ``config._name_or_path``),
-        ``name_or_path``, ``model_type``, ``hidden_size``, ``num_hidden_layers``,
-        ``vocab_size``, ``quantization`` (``"nf4"`` or ``None``) and ``fingerprint``.
+        ``model_id`` (the base's Hub id when known, see :func:`base_hub_id`, else
+        ``config._name_or_path``), ``name_or_path``, ``model_type``, ``hidden_size``,
+        ``num_hidden_layers``, ``vocab_size``, ``quantization`` (``"nf4"`` or ``None``)
+        and ``fingerprint``.
     """
     config = _text_config(model)
     name_or_path = str(getattr(model.config, "_name_or_path", "") or "")
-    is_default = bool(name_or_path) and _same_path(name_or_path, default_base_dir())
     return {
-        "model_id": DEFAULT_BASE_ID if is_default else name_or_path,
+        "model_id": base_hub_id(model) or name_or_path,
         "name_or_path": name_or_path,
         "model_type": getattr(config, "model_type", None),
         "hidden_size": getattr(config, "hidden_size", None),
@@ -411,6 +437,52 @@ def describe_base(model: nn.Module) -> dict[str, Any]:
     }
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # 'owner/name', as in registry/schema
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub repo id (``owner/name``) and is not an existing local path."""
+    return bool(_HUB_ID.match(text)) and ".." not in text and not Path(text).expanduser().exists()
+
+
+def base_hub_id(model: nn.Module) -> str | None:
+    """The Hugging Face Hub id of a base model, when its config says (or its folder shows) it.
+
+    In order: the converted default base (:func:`moa.default_base_path`, wherever
+    ``MOA_HOME`` puts it) is ``HuggingFaceTB/SmolLM2-135M-Instruct``; a folder holding
+    moa's conversion marker (``moa_base.json``) names its ``model_id``; a folder inside the
+    Hugging Face cache (``models--owner--name/snapshots/<rev>``) is ``owner/name``; a
+    ``config._name_or_path`` that is itself a Hub id (loaded from the HF cache by id) is that.
+
+    Args:
+        model: A transformers model (its ``config._name_or_path`` is read).
+
+    Returns:
+        ``"owner/name"``, or ``None`` when the base is a local folder of unknown origin.
+    """
+    name_or_path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not name_or_path:
+        return None
+    if _same_path(name_or_path, default_base_dir()):
+        return DEFAULT_BASE_ID
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return name_or_path if looks_like_hub_id(name_or_path) else None
+    try:
+        marker = json.loads((folder / MARKER_FILENAME).read_text())
+    except (OSError, ValueError):
+        marker = None
+    model_id = marker.get("model_id") if isinstance(marker, dict) else None
+    if isinstance(model_id, str) and looks_like_hub_id(model_id):
+        return model_id
+    parts = folder.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo_id = parts[-3][len("models--"):].replace("--", "/", 1)
+        if _HUB_ID.match(repo_id):
+            return repo_id
+    return None
+
+
 def _same_path(a: str, b: Path) -> bool:
     try:
         return Path(a).expanduser().resolve() == b.resolve()
@@ -419,7 +491,8 @@ def _same_path(a: str, b: Path) -> bool:
 
 
 __all__ = [
-    "QUANTIZATION_CHOICES", "UnsupportedQuantizationError", "base_fingerprint", "default_base_path",
-    "describe_base", "detect_quantization", "import_bitsandbytes", "is_quantized_linear", "linear_features",
-    "load_base", "moa_home", "quantize_nf4_", "resolve_base", "set_cpu_packed_nf4",
+    "QUANTIZATION_CHOICES", "UnsupportedQuantizationError", "base_fingerprint", "base_hub_id",
+    "default_base_path", "describe_base", "detect_quantization", "has_tokenizer_files", "import_bitsandbytes",
+    "is_quantized_linear", "linear_features", "load_base", "looks_like_hub_id", "moa_home", "quantize_nf4_",
+    "resolve_base", "set_cpu_packed_nf4",
 ]  # fmt: skip

@@ -22,7 +22,7 @@ from torch import nn
 from moa.adapters.base import AdapterConfig, AdapterLayer
 from moa.errors import RoutingError
 from moa.model import adapter_io
-from moa.model.adapter_bank import AUTO_ROW, BASE_ROW, AdapterBank
+from moa.model.adapter_bank import AdapterBank
 from moa.model.call_routing import (
     CallFrame,
     CallPlan,
@@ -33,15 +33,12 @@ from moa.model.call_routing import (
 )
 from moa.model.mixture_linear import MixtureLinear
 from moa.model.routing_controller import RoutingController, ask_router
+from moa.model.row_requests import RowRequest, batch_size, plan_call, token_decision_per_row
 from moa.model.targets import linear_features, resolve_target_modules
-from moa.routing.decision import Mixture, RoutingDecision
+from moa.routing.decision import RoutingDecision
 from moa.routing.router import Router
 
 logger = logging.getLogger(__name__)
-
-#: One row's routing request: a mixture, ``None`` (base) or :data:`AUTO_ROW` (the router).
-RowRequest = Mixture | str
-
 
 class MixtureModel(nn.Module):
     """A causal LM whose linear layers carry a bank of adapters, mixed per row or token.
@@ -68,6 +65,7 @@ class MixtureModel(nn.Module):
         self.active_adapters: list[str] = []
         self._router: Router | None = None
         self._controller = RoutingController(self.bank, self._default_plan)
+        self.train(base_model.training)  # a base loaded for inference stays in eval mode
 
     @classmethod
     def from_pretrained(
@@ -168,8 +166,11 @@ class MixtureModel(nn.Module):
         adapter type, every tensor's module and shape, the rank cap. On any error no
         adapter is added and the loaded ones are untouched.
         """
+        from moa.hub.pull import resolve_adapter_folder  # PEFT's habit: a Hub id works too
+
         self.bank.check_new_name(adapter_name)
-        config, layers = adapter_io.read_adapter(self, path_or_repo_id, revision=revision)
+        folder = resolve_adapter_folder(path_or_repo_id, revision, max_rank=self.max_rank)
+        config, layers = adapter_io.read_adapter(self, folder)
         self._install(adapter_name, config, layers, trainable=is_trainable)
 
     def install_adapter(
@@ -201,14 +202,14 @@ class MixtureModel(nn.Module):
 
         save_pretrained(self, save_directory, selected_adapters=selected_adapters, **kwargs)
 
-    def load_pretrained_adapters(self, directory: str | os.PathLike) -> list[str]:
-        """Load every adapter of a :meth:`save_pretrained` folder (all or none).
+    def load_pretrained_adapters(self, directory_or_repo_id: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Load every adapter of a :meth:`save_pretrained` folder or Hub repo (all or none).
 
-        See :func:`moa.hub.pretrained.load_pretrained_adapters`.
+        See :func:`moa.hub.pretrained.load_pretrained_adapters` (``revision``, ``is_trainable``...).
         """
         from moa.hub.pretrained import load_pretrained_adapters
 
-        return load_pretrained_adapters(self, directory)
+        return load_pretrained_adapters(self, directory_or_repo_id, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push :meth:`save_pretrained`'s layout to the Hub in one commit.
@@ -434,7 +435,7 @@ class MixtureModel(nn.Module):
             )
         decided = decision.to_mixtures(names)
         if decision.level == "token":
-            decided = _token_decision_per_row(decided, len(plan.routed_rows), int(ids.shape[1]))
+            decided = token_decision_per_row(decided, len(plan.routed_rows), int(ids.shape[1]))
         for row, mixture in zip(plan.routed_rows, decided, strict=True):
             rows[row] = mixture
         return rows
@@ -448,7 +449,7 @@ class MixtureModel(nn.Module):
         adapter_weights: Sequence[RowRequest] | Mapping[str, float] | None = None,
         router: Router | None = None,
         routing_decision: RoutingDecision | None = None,
-        adapters_from_layer: int = 0,
+        adapters_from_layer: int | Sequence[int] = 0,
         **kwargs: Any,
     ) -> Any:
         """Run the base with adapters chosen per row.
@@ -463,7 +464,9 @@ class MixtureModel(nn.Module):
             router: Use this router for this call instead of the model's.
             routing_decision: A ready :class:`RoutingDecision` for every row (a gate being
                 trained passes its differentiable one), applied from ``adapters_from_layer`` on.
-            adapters_from_layer: See ``routing_decision``.
+            adapters_from_layer: See ``routing_decision``; one layer per row is allowed (at
+                most two distinct values, the smaller 0), so a router-decided row pinned for
+                later steps keeps the router's layer while named rows use every layer.
             **kwargs: Passed to the transformers model (``labels``, ``past_key_values``...).
 
         With none of these, the router decides every row (if one is set), else the
@@ -530,108 +533,18 @@ class MixtureModel(nn.Module):
         router: Router | None,
         model_kwargs: Mapping[str, Any],
         routing_decision: RoutingDecision | None = None,
-        adapters_from_layer: int = 0,
+        adapters_from_layer: int | Sequence[int] = 0,
     ) -> CallPlan:
         """Check the call's routing arguments and turn them into its :class:`CallPlan`."""
-        enabled = not adapters_disabled(self.bank)
-        batch = _batch_size(input_ids, model_kwargs)
-        if routing_decision is not None:
-            if adapter_names is not None or adapter_weights is not None:
-                raise RoutingError("Pass routing_decision alone, without adapter_names/adapter_weights.")
-            return CallPlan(explicit=None, late=routing_decision, split_layer=int(adapters_from_layer),
-                            enabled=enabled)
         self._check_router(router)
-        router = router if router is not None else self._router
-        rows = _row_requests(batch, adapter_names, adapter_weights)
-        if rows is None:  # nothing named: the router decides every row, else set_adapter's
-            if router is not None:
-                rows = [AUTO_ROW] * batch
-            else:
-                active = list(self.active_adapters)
-                rows = [dict.fromkeys(active, 1.0) if active else None] * batch
-        routed = tuple(i for i, row in enumerate(rows) if row == AUTO_ROW)
-        if routed and router is None:
-            raise RoutingError(
-                f"Row {routed[0]} asks the router ('{AUTO_ROW}'), but no router is set. Call "
-                f"model.set_router(router) or pass router= to this call."
-            )
-        mixtures = [None if row == AUTO_ROW else row for row in rows]
-        explicit = None
-        if any(m for m in mixtures):
-            explicit = RoutingDecision.from_mixtures(mixtures, self.bank.names)
-        split = router.hidden_layer if routed and router.hidden_layer is not None else 0
-        return CallPlan(explicit=explicit, routed_rows=routed, router=router if routed else None,
-                        split_layer=split, enabled=enabled)
-
-
-def _row_requests(
-    batch: int,
-    adapter_names: Sequence[str | None] | None,
-    adapter_weights: Sequence[RowRequest] | Mapping[str, float] | None,
-) -> list[RowRequest] | None:
-    """One request per row from ``adapter_names`` or ``adapter_weights`` (``None``: neither)."""
-    if adapter_names is not None and adapter_weights is not None:
-        raise RoutingError("Pass adapter_names or adapter_weights, not both.")
-    if adapter_names is not None:
-        if isinstance(adapter_names, str):
-            raise RoutingError(
-                f"adapter_names must be a list with one entry per row, got the string "
-                f"{adapter_names!r}. Use [{adapter_names!r}] * batch_size or set_adapter()."
-            )
-        _check_rows("adapter_names", len(adapter_names), batch)
-        rows: list[RowRequest] = []
-        for i, name in enumerate(adapter_names):
-            if name is not None and not isinstance(name, str):
-                raise RoutingError(
-                    f"adapter_names[{i}] must be an adapter name, None, '{BASE_ROW}' or '{AUTO_ROW}'; "
-                    f"got {name!r}. Use adapter_weights=[{{name: weight}}, ...] for mixtures."
-                )
-            rows.append(AUTO_ROW if name == AUTO_ROW else None if name in (None, BASE_ROW) else {name: 1.0})
-        return rows
-    if adapter_weights is not None:
-        if isinstance(adapter_weights, Mapping):
-            return [adapter_weights] * batch
-        if isinstance(adapter_weights, str):
-            raise RoutingError(
-                f"adapter_weights must be a list with one entry per row (or one dict for all rows); "
-                f"got the string {adapter_weights!r}. Use [{adapter_weights!r}] * batch_size."
-            )
-        rows = list(adapter_weights)
-        _check_rows("adapter_weights", len(rows), batch)
-        for i, row in enumerate(rows):
-            if isinstance(row, str) and row != AUTO_ROW:
-                raise RoutingError(
-                    f"adapter_weights[{i}] is the string {row!r}; an entry is a {{name: weight}} dict, "
-                    f"None (base) or '{AUTO_ROW}' (the router decides)."
-                )
-        return rows
-    return None
-
-
-def _batch_size(input_ids: torch.Tensor | None, model_kwargs: Mapping[str, Any]) -> int:
-    if input_ids is not None:
-        return int(input_ids.shape[0])
-    embeds = model_kwargs.get("inputs_embeds")
-    if embeds is not None:
-        return int(embeds.shape[0])
-    raise RoutingError("Give input_ids (or inputs_embeds) so rows can be routed.")
-
-
-def _check_rows(what: str, rows: int, batch: int) -> None:
-    if rows != batch:
-        raise RoutingError(
-            f"{what} has {rows} entries but the batch has {batch} rows. Give exactly one entry "
-            f"per row of input_ids (None = base model for that row)."
+        return plan_call(
+            self.bank.names,
+            batch_size(input_ids, model_kwargs),
+            adapter_names=adapter_names,
+            adapter_weights=adapter_weights,
+            router=router if router is not None else self._router,
+            active_adapters=list(self.active_adapters),
+            enabled=not adapters_disabled(self.bank),
+            routing_decision=routing_decision,
+            adapters_from_layer=adapters_from_layer,
         )
-
-
-def _token_decision_per_row(token_mixtures: list[dict[str, float]], batch: int, seq_len: int) -> list[dict[str, float]]:
-    """Average a token-level decision's mixtures over each row's tokens."""
-    rows = []
-    for b in range(batch):
-        total: dict[str, float] = {}
-        for mix in token_mixtures[b * seq_len : (b + 1) * seq_len]:
-            for name, weight in mix.items():
-                total[name] = total.get(name, 0.0) + weight / seq_len
-        rows.append(total)
-    return rows

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Sequence
 
 from torch import nn
 
-from moa.errors import TargetModuleError, format_choices
+from moa.errors import MissingDependencyError, TargetModuleError, format_choices
+
+logger = logging.getLogger(__name__)
 
 #: Output heads never targeted by ``"all-linear"`` (PEFT excludes the output layer too).
 OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output", "score", "classifier")
@@ -56,16 +59,63 @@ def _strip_wrapper(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+def peft_default_target_modules(model: nn.Module) -> list[str] | str:
+    """PEFT's default LoRA ``target_modules`` for ``model``'s architecture (``config.model_type``).
+
+    What ``peft.LoraConfig(target_modules=None)`` picks: PEFT's
+    ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model.config.model_type]``, e.g.
+    ``["q_proj", "v_proj"]`` for ``llama``. A few architectures map to a regex (a string).
+
+    Args:
+        model: A transformers model (its ``config.model_type`` is looked up).
+
+    Returns:
+        The module suffixes (a new list), or PEFT's regex string.
+
+    Raises:
+        TargetModuleError: ``model`` has no ``config.model_type``, or PEFT's table has no
+            entry for it; pass ``target_modules`` explicitly then.
+        MissingDependencyError: ``peft`` is not installed.
+    """
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"target_modules=None picks PEFT's default target modules, but 'peft' did not import ({error}). "
+            f"Install it with: pip install 'peft>=0.17', or pass target_modules explicitly."
+        ) from error
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    defaults = peft_defaults.get(model_type) if isinstance(model_type, str) else None
+    if defaults is None:
+        suffixes = module_suffixes([_strip_wrapper(n) for n in linear_module_names(model)])
+        raise TargetModuleError(
+            f"target_modules=None asks for PEFT's default target modules for the base's architecture, but PEFT "
+            f"has no default for model_type={model_type!r} (it has one for: {format_choices(peft_defaults)}). "
+            f"Pass target_modules explicitly, e.g. a list of the base's linear module names (they end in: "
+            f"{format_choices(suffixes)}) or 'all-linear'."
+        )
+    return defaults if isinstance(defaults, str) else list(defaults)
+
+
+def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | str | None) -> list[str]:
     """Module names matched by ``target_modules``, PEFT's way.
 
+    * ``None``: PEFT's default for the base's architecture (:func:`peft_default_target_modules`,
+      ``["q_proj", "v_proj"]`` for Llama), then resolved as below.
     * ``"all-linear"``: every linear layer but the output head.
     * another string: a regex that must match a module's full name (``re.fullmatch``).
     * a list: a module matches if its name equals an entry or ends with ``"." + entry``.
 
     Raises:
-        TargetModuleError: if an entry matches no linear layer, or nothing matches.
+        TargetModuleError: if an entry matches no linear layer, or nothing matches, or
+            ``None`` is given for an architecture PEFT has no default for.
     """
+    if target_modules is None:
+        target_modules = peft_default_target_modules(model)
+        logger.debug(
+            "target_modules=None: PEFT's default for model_type %r is %r.",
+            getattr(getattr(model, "config", None), "model_type", None), target_modules,
+        )
     candidates = [_strip_wrapper(n) for n in linear_module_names(model)]
     candidates += [
         name for name, module in model.named_modules()

@@ -83,14 +83,19 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>")
 
 
-def save_tiny_base(directory: str | os.PathLike, seed: int = 0) -> Path:
+def save_tiny_base(directory: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
     """Save :func:`make_tiny_base` (safetensors) and the tiny tokenizer to ``directory``.
+
+    Args:
+        directory: The folder to write (created if missing).
+        seed: Seed for the random weights.
+        **overrides: :data:`TINY_CONFIG` entries to change (the tokenizer stays the same).
 
     Returns:
         The folder, loadable by ``transformers``, PEFT and ``moa.MixtureModel.from_pretrained``.
     """
     path = Path(directory)
-    make_tiny_base(seed).save_pretrained(path)
+    make_tiny_base(seed, **overrides).save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
 

@@ -2,7 +2,7 @@
 
 * :func:`moa.train.sft.train_adapter` -- SFT of one adapter, loss on the answer only.
 * :func:`moa.train.router.train_router` -- the learned gate, on labels or the LM loss.
-* :mod:`moa.train.chat` -- how a request is formatted (shared with eval and the demo).
+* :mod:`moa.data.chat` -- how a request is formatted (shared with eval, serving and the demo).
 
 Heavy modules load on first use.
 """

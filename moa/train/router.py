@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moa.routing.learned_gate import LearnedGate, pool_hidden_states
-from moa.train.chat import encode_sft_example, ensure_pad_token, pad_batch, position_ids_from_mask
+from moa.data.chat import encode_sft_example, ensure_pad_token, pad_batch, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def collect_features(
         batch_size: Prompts per partial pass.
         progress: Show a tqdm bar.
     """
-    from moa.train.chat import chat_prompt
+    from moa.data.chat import chat_prompt
 
     single = isinstance(layers, int)
     wanted = [layers] if single else list(layers)
@@ -84,7 +84,7 @@ def collect_features(
 
 def token_counts(model: Any, prompts: Sequence[str]) -> list[int]:
     """Tokens per chat-formatted prompt (to repeat sequence labels for token-level training)."""
-    from moa.train.chat import chat_prompt
+    from moa.data.chat import chat_prompt
 
     return [len(model.tokenizer(chat_prompt(model.tokenizer, p), add_special_tokens=False)["input_ids"])
             for p in prompts]

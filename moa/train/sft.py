@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moa.atomic import atomic_write_bytes
-from moa.train.chat import encode_sft_example, ensure_pad_token, pad_batch
+from moa.data.chat import encode_sft_example, ensure_pad_token, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def train_adapter(
 def dev_accuracy(model: Any, adapter_name: str, examples: Sequence[Any], batch_size: int = 16) -> dict[str, Any]:
     """Greedy answers of ``adapter_name`` on ``examples`` and the share scored correct."""
     from moa.eval.runner import generate_answers, score_examples
-    from moa.train.chat import answer_token_budget
+    from moa.data.chat import answer_token_budget
 
     budget = answer_token_budget(model.tokenizer, [e.answer for e in examples])
     answers = generate_answers(model, [e.prompt for e in examples], [{adapter_name: 1.0}] * len(examples),

@@ -17,7 +17,7 @@ DOMAINS = ("sql", "arithmetic")
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_base_dir, tmp_path_factory):
     model = load_tiny(tiny_base_dir)
-    add_random_adapters(model, names=DOMAINS, first_layer=1)
+    add_random_adapters(model, names=DOMAINS)
     out = tmp_path_factory.mktemp("adapters")
     for name in DOMAINS:
         model.save_adapter(name, out / name)
@@ -30,7 +30,7 @@ def _common(tiny_base_dir, adapters_dir):
 
 def test_train_router_eval_and_generate(tiny_base_dir, adapters_dir, tmp_path, capsys):
     args = _common(tiny_base_dir, adapters_dir)
-    assert main(["train-router", *args, "--hidden-layer", "1", "--examples-per-domain", "30"]) == 0
+    assert main(["train-router", *args, "--examples-per-domain", "30"]) == 0  # default --hidden-layer
     assert (adapters_dir / "router" / "router_config.json").is_file()
     assert "saved gate" in capsys.readouterr().out
 

@@ -16,8 +16,8 @@ from tests.train.helpers import TOY_DOMAINS, ToyExample, add_random_adapters, lo
 @pytest.fixture(scope="module")
 def routed_model(tiny_base_dir):
     model = load_tiny(tiny_base_dir)
-    add_random_adapters(model, first_layer=1)
-    gate, _ = train_router(model, toy_examples(8), list(TOY_DOMAINS), hidden_layer=1, progress=False)
+    add_random_adapters(model)
+    gate, _ = train_router(model, toy_examples(8), list(TOY_DOMAINS), progress=False)  # default hidden_layer
     return model, gate
 
 

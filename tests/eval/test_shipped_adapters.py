@@ -35,3 +35,14 @@ def test_adapters_follow_the_recipe_and_the_gate_reads_their_first_layer():
         assert metrics["steps"] == DEMO_RECIPE.steps_for(metrics["domain"]) and metrics["quantization"] == "nf4"
     gate = LearnedGate.load(SHIPPED / "router")
     assert gate.hidden_layer == DEMO_RECIPE.first_layer and gate.gate_adapters == list(folders)
+
+
+def test_shipped_adapter_configs_name_the_base_by_its_hub_id():
+    """PEFT's AutoPeftModelForCausalLM loads the base named here: a Hub id, never a path of the training machine."""
+    from moa.model.default_base import DEFAULT_BASE_ID
+
+    folders = adapter_folders(SHIPPED)
+    assert folders
+    for name, folder in folders.items():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == DEFAULT_BASE_ID == "HuggingFaceTB/SmolLM2-135M-Instruct", name

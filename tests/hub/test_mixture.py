@@ -13,7 +13,7 @@ from moa.errors import AdapterExistsError, BaseModelMismatchError, IntegrityErro
 from moa.hub import MixtureManifest, pull_mixture, push_adapter, push_mixture, push_router
 from moa.hub.push import push_files
 from moa.hub.verify import sha256_file
-from tests.conftest import make_tiny_llama
+from moa.testing.fixtures import make_tiny_base
 from tests.hub.conftest import add_lora, logits
 
 
@@ -61,7 +61,7 @@ def test_pins_hold_when_an_adapter_repo_moves_on(hub, mixture, tiny_base_dir, in
 
 
 def test_other_base_fingerprint_raises_and_downloads_nothing(hub, mixture):
-    other = moa.MixtureModel(make_tiny_llama(intermediate_size=96))
+    other = moa.MixtureModel(make_tiny_base(intermediate_size=96))  # another base on purpose: other weights
     fetched = hub.count("GET", "/alice/mix-")
     with pytest.raises(BaseModelMismatchError, match="fingerprint"):
         pull_mixture("alice/mix", model=other)
@@ -127,7 +127,7 @@ def _manifest_text(hub, repo_id):
 def test_learned_gate_router_round_trips_through_a_mixture(hub, tiny_model, tiny_base_dir):
     learned_gate = pytest.importorskip("moa.routing.learned_gate")
     add_lora(tiny_model, "sql", seed=14)
-    gate = learned_gate.LearnedGate(adapter_names=["sql"], hidden_size=64, hidden_layer=1)
+    gate = learned_gate.LearnedGate(adapter_names=["sql"], hidden_size=64)  # default hidden_layer
     tiny_model.set_router(gate)
     push_mixture(tiny_model, "alice/gated", router_repo="alice/gated-router")  # pushed with gate.save()
     other = fresh_model(tiny_base_dir)

@@ -82,7 +82,7 @@ def test_verify_digests_names_every_problem(tmp_path):
         verify_digests(tmp_path, {"a": "0" * 64, "b": "1" * 64}, "test")
 
 
-def test_schema_checker_subset():
+def test_schema_checker_messages():
     schema = {"type": "object", "required": ["n"], "additionalProperties": False,
               "properties": {"n": {"type": "integer", "minimum": 1}, "tags": {"type": "array", "uniqueItems": True,
                                                                               "items": {"enum": ["a", "b"]}}}}
@@ -93,5 +93,9 @@ def test_schema_checker_subset():
     assert any("/x: unexpected property" in e for e in errors)
     assert validate({}, schema) == ["/: missing required property 'n'"]
     assert validate(True, {"type": "integer"}) != []  # bool is not an integer
-    with pytest.raises(SchemaDefinitionError, match="if"):
-        validate({}, {"if": {}})
+    # jsonschema does the checking: every keyword works (not only a hand-picked subset) ...
+    conditional = {"if": {"required": ["a"]}, "then": {"required": ["b"]}}
+    assert validate({"a": 1}, conditional) == ["/: missing required property 'b'"] and validate({}, conditional) == []
+    # ... and a schema that is itself invalid is refused, naming where.
+    with pytest.raises(SchemaDefinitionError, match="invalid at /type"):
+        validate({}, {"type": "nonsense"})

@@ -24,7 +24,7 @@ import torch
 
 import moa
 from moa.merge import strategies as S
-from tests.conftest import make_tiny_llama
+from moa.testing.fixtures import make_tiny_base
 from tests.merge.references import ref_merge
 
 peft = pytest.importorskip("peft")
@@ -42,7 +42,7 @@ ADAPTERS = {  # name: (r, lora_alpha, use_rslora, seed)
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory):
     """A moa model with five random adapters, each also saved as a PEFT folder."""
-    base = make_tiny_llama()
+    base = make_tiny_base()
     model = moa.MixtureModel(copy.deepcopy(base))
     folders = {}
     for name, (r, alpha, rslora, seed) in ADAPTERS.items():

@@ -117,7 +117,7 @@ def test_token_level_router_decides_each_new_token(tiny_model):
 def test_hidden_layer_out_of_range_is_refused(tiny_model):
     add(tiny_model, "a", "all-linear", 0)
     router = SignRouter()
-    router.hidden_layer = 5
-    with pytest.raises(RoutingError, match="outside this base's decoder layers 0..1"):
+    router.hidden_layer = 4  # one past the last of the tiny base's 4 layers
+    with pytest.raises(RoutingError, match=r"outside this base's decoder layers 0\.\.3"):
         tiny_model.set_router(router)
     assert tiny_model.router is None

@@ -19,7 +19,7 @@ from moa.errors import (
     BaseModelMismatchError,
     TargetModuleError,
 )
-from tests.conftest import make_tiny_llama
+from moa.testing.fixtures import make_tiny_base
 
 
 @pytest.fixture
@@ -147,7 +147,8 @@ def test_intact_folder_loads_after_failures(saved, tmp_path, input_ids):
 
 def test_adapter_of_another_base_is_refused_by_fingerprint(saved, tmp_path):
     _, folder = saved
-    other = moa.MixtureModel(make_tiny_llama(seed=0, num_hidden_layers=3))
+    # another shape (3 layers, not 4) on purpose: a base the adapter was not trained on
+    other = moa.MixtureModel(make_tiny_base(seed=0, num_hidden_layers=3))
     with pytest.raises(BaseModelMismatchError, match="Load it on the base it was trained on"):
         other.load_adapter(folder, adapter_name="src")
     assert other.adapter_names == []

@@ -189,8 +189,8 @@ def test_zero_initialised_adapter_is_identity_and_trainable(tiny_model, input_id
     tiny_model.add_adapter("new", moa.LoraConfig(r=4, target_modules="all-linear"))
     torch.testing.assert_close(logits(tiny_model, input_ids), base, rtol=0, atol=0)
     trainable, total = tiny_model.get_nb_trainable_parameters()
-    # 2 layers x (q,k,v,o,gate,up,down); A is r x in, B is out x r
-    expected = 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    # 4 layers x (q,k,v,o,gate,up,down); A is r x in, B is out x r
+    expected = 4 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
     assert trainable == expected and total > trainable
     out = tiny_model(input_ids, adapter_names=["new", None, "new", None], labels=input_ids)
     out.loss.backward()

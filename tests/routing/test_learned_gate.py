@@ -130,12 +130,13 @@ def test_training_on_separable_features_reaches_high_accuracy():
 def test_in_pass_routing_matches_offline_features(tiny_base_dir):
     """What the gate decides inside generate (left-padded batch) equals the offline features."""
     model = load_tiny(tiny_base_dir)
-    add_random_adapters(model, first_layer=1)
+    add_random_adapters(model)
     examples = toy_examples(8)
-    gate, metrics = train_router(model, examples, list(TOY_DOMAINS), hidden_layer=1, progress=False, top_k=2)
+    gate, metrics = train_router(model, examples, list(TOY_DOMAINS), progress=False, top_k=2)
+    assert gate.hidden_layer == 2  # the default, inside the tiny base's 4 layers
     assert metrics["train_accuracy"] > 0.9
     prompts = [e.prompt for e in examples[:6]]
-    offline = gate.decision_from_features(collect_features(model, prompts, 1), model.adapter_names)
+    offline = gate.decision_from_features(collect_features(model, prompts, gate.hidden_layer), model.adapter_names)
     seen = []
     original = gate.route
 
@@ -146,7 +147,7 @@ def test_in_pass_routing_matches_offline_features(tiny_base_dir):
 
     gate.route = spy
     model.set_router(gate)
-    from moa.train.chat import encode_prompts
+    from moa.data.chat import encode_prompts
 
     inputs = encode_prompts(model.tokenizer, prompts)
     model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)

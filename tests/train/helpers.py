@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 import moa
+from moa.train.recipes import DEFAULT_HIDDEN_LAYER
 
 #: Two toy "domains" whose prompts differ in their characters, so a gate can tell them apart.
 TOY_DOMAINS = ("alpha", "beta")
@@ -43,8 +44,12 @@ def load_tiny(base_dir) -> moa.MixtureModel:
     return moa.MixtureModel.from_pretrained(str(base_dir), quantization=None, device="cpu")
 
 
-def add_random_adapters(model: moa.MixtureModel, names=TOY_DOMAINS, first_layer: int = 1, seed: int = 0) -> None:
-    """Non-zero LoRA adapters on layers >= ``first_layer`` (so in-pass routing loses nothing)."""
+def add_random_adapters(model: moa.MixtureModel, names=TOY_DOMAINS, first_layer: int = DEFAULT_HIDDEN_LAYER,
+                        seed: int = 0) -> None:
+    """Non-zero LoRA adapters on layers >= ``first_layer`` (so in-pass routing loses nothing).
+
+    The default is the learned gate's default ``hidden_layer`` (2 of the tiny base's 4 layers).
+    """
     from moa.train.sft import layer_target_regex
 
     for i, name in enumerate(names):

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 from moa.routing.learned_gate import LearnedGate
-from moa.train.chat import encode_sft_example, pad_batch
+from moa.data.chat import encode_sft_example, pad_batch
+from moa.train.recipes import DEFAULT_HIDDEN_LAYER
 from moa.train.router import collect_features, token_counts, train_gate_lm, train_router
 from tests.train.helpers import TOY_DOMAINS, add_random_adapters, toy_examples
 
 
 def test_labels_mode_learns_the_toy_domains(tiny_chat_model, tmp_path):
     model = tiny_chat_model
-    add_random_adapters(model, first_layer=1)
-    gate, metrics = train_router(model, toy_examples(10), list(TOY_DOMAINS), hidden_layer=1,
+    add_random_adapters(model)  # on the default gate layer (2) and above
+    gate, metrics = train_router(model, toy_examples(10), list(TOY_DOMAINS),  # default hidden_layer
                                  dev_examples=toy_examples(5, seed=3), progress=False)
+    assert gate.hidden_layer == DEFAULT_HIDDEN_LAYER
     assert metrics["train_accuracy"] == 1.0 and metrics["dev_accuracy"] >= 0.8
     assert gate.metadata["base_fingerprint"] == model.base_fingerprint
     gate.save(tmp_path / "gate")
@@ -25,13 +27,12 @@ def test_labels_mode_learns_the_toy_domains(tiny_chat_model, tmp_path):
 
 def test_token_level_features_and_training(tiny_chat_model):
     model = tiny_chat_model
-    add_random_adapters(model, first_layer=1)
+    add_random_adapters(model)
     examples = toy_examples(4)
     prompts = [e.prompt for e in examples]
-    features = collect_features(model, prompts, 1, level="token")
+    features = collect_features(model, prompts, DEFAULT_HIDDEN_LAYER, level="token")
     assert features.shape == (sum(token_counts(model, prompts)), model.config.hidden_size)
-    gate, metrics = train_router(model, examples, list(TOY_DOMAINS), hidden_layer=1, level="token",
-                                 progress=False, top_k=2)
+    gate, metrics = train_router(model, examples, list(TOY_DOMAINS), level="token", progress=False, top_k=2)
     assert gate.level == "token" and metrics["train_rows"] == features.shape[0]
     model.set_router(gate)
     out = model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=2, do_sample=False, pad_token_id=1)
@@ -40,23 +41,24 @@ def test_token_level_features_and_training(tiny_chat_model):
 
 def test_lm_mode_moves_the_gate_with_adapters_frozen(tiny_chat_model):
     model = tiny_chat_model
-    add_random_adapters(model, first_layer=1)
+    add_random_adapters(model)
     for name in TOY_DOMAINS:
         for layer in model.adapter_layers(name).values():
             layer.requires_grad_(False)
     adapters_before = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." in k}
     torch.manual_seed(0)
-    gate = LearnedGate(list(TOY_DOMAINS), model.config.hidden_size, hidden_layer=1, dropout=0.0)
+    gate = LearnedGate(list(TOY_DOMAINS), model.config.hidden_size, dropout=0.0)  # default hidden_layer
+    layer = gate.hidden_layer
     examples = toy_examples(6)
 
     # gradients reach the gate through RoutingDecision.weights
-    gate.head.set_normalization(collect_features(model, [e.prompt for e in examples], 1))
+    gate.head.set_normalization(collect_features(model, [e.prompt for e in examples], layer))
     enc = [encode_sft_example(model.tokenizer, e.prompt, e.answer) for e in examples[:4]]
     batch = pad_batch([x[0] for x in enc], model.tokenizer.pad_token_id, labels=[x[1] for x in enc])
-    features = collect_features(model, [e.prompt for e in examples[:4]], 1)
+    features = collect_features(model, [e.prompt for e in examples[:4]], layer)
     decision = gate.decision_from_features(features, model.adapter_names, top_k=2)
     assert decision.weights.requires_grad
-    model(**batch, use_cache=False, routing_decision=decision, adapters_from_layer=1).loss.backward()
+    model(**batch, use_cache=False, routing_decision=decision, adapters_from_layer=layer).loss.backward()
     grads = [p.grad for p in gate.head.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     gate.head.zero_grad(set_to_none=True)

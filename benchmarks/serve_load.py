@@ -1,0 +1,288 @@
+"""``moa serve`` under load: continuous batching vs static batches vs one request at a time.
+
+All in one run, on the default base with the five shipped adapters and the shipped gate,
+over the shipped adapters' real test prompts (chat template, greedy, exactly ``--new-tokens`` new
+tokens: EOS masked as ``min_new_tokens`` / vLLM's ``min_tokens`` do, so every request costs
+the same):
+
+* ``serve mixed C``: C concurrent clients over HTTP (``openai`` client) against ``moa
+  serve``'s app; requests cycle through the five adapters, exact mixtures and ``auto``.
+* ``serve single C``: the same, every request on one adapter (mixed-traffic cost).
+* ``serve deterministic 16``: ``--deterministic`` (each row decoded alone).
+* ``static batches of 16``: ``model.generate`` on batches of 16 requests (left padding,
+  per-row ``adapter_weights``), each batch waiting for its longest row.
+* ``one at a time, 16 clients``: a plain FastAPI server that runs ``generate`` for one
+  request at a time under a lock (what app code does without moa serve; it names the
+  adapter per call rather than ``set_adapter``, which a set router would override).
+
+Reports tokens/s and p50/p99 request latency per configuration, and how many greedy answers
+under concurrent load equal the same request served alone (``model.generate``, batch 1).
+Writes JSON to ``benchmarks/results/serve_load.json``.
+
+Run: ``.venv/bin/python benchmarks/serve_load.py [--precision fp32|nf4] [--clients 1 4 16 32]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
+
+
+def load_model(precision: str) -> Any:
+    import moa
+    from moa.eval.assets import load_adapters, router_dir, shipped_adapters_dir
+    from moa.routing.learned_gate import LearnedGate
+
+    model = moa.MixtureModel.from_pretrained("default", quantization=None if precision == "fp32" else "nf4")
+    load_adapters(model, shipped_adapters_dir())
+    model.set_router(LearnedGate.load(router_dir(shipped_adapters_dir())))
+    return model
+
+
+def workload(model: Any, count: int, mixed: bool) -> list[dict[str, Any]]:
+    """``count`` requests over the shipped test prompts: {prompt, model, extra, mixture, auto}."""
+    from moa.data import DOMAINS, load_split
+
+    tests = {d: load_split(d, "test") for d in DOMAINS}
+    requests = []
+    for i in range(count):
+        domain = DOMAINS[i % len(DOMAINS)]
+        prompt = tests[domain][i // len(DOMAINS)].prompt
+        kind = i % 4 if mixed else 0
+        if kind == 0 or not mixed:
+            name = domain if mixed else "sql"
+            requests.append({"prompt": prompt, "model": name, "extra": None, "mixture": {name: 1.0}, "auto": False})
+        elif kind == 1:
+            mix = {domain: 0.7, DOMAINS[(i + 1) % len(DOMAINS)]: 0.3}
+            requests.append({"prompt": prompt, "model": "base", "extra": {"adapter_weights": mix},
+                             "mixture": mix, "auto": False})
+        elif kind == 2:
+            requests.append({"prompt": prompt, "model": "auto", "extra": None, "mixture": None, "auto": True})
+        else:
+            requests.append({"prompt": prompt, "model": domain, "extra": None, "mixture": {domain: 1.0}, "auto": False})
+    return requests
+
+
+def chat_ids(model: Any, prompt: str) -> list[int]:
+    from moa.serve.prompts import chat_prompt_ids
+
+    return chat_prompt_ids(model, [{"role": "user", "content": prompt}])
+
+
+def summarize(name: str, latencies: list[float], tokens: int, seconds: float) -> dict[str, Any]:
+    latencies = sorted(latencies)
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    row = {"config": name, "requests": len(latencies), "tokens": tokens, "seconds": round(seconds, 2),
+           "tokens_per_s": round(tokens / seconds, 2), "p50_s": round(statistics.median(latencies), 2),
+           "p99_s": round(p99, 2)}
+    print(f"{name:<30} {row['tokens_per_s']:>8.1f} tok/s   p50 {row['p50_s']:>6.2f} s   p99 {row['p99_s']:>6.2f} s   "
+          f"({len(latencies)} requests, {tokens} tokens)", flush=True)
+    return row
+
+
+def drive(base_url: str, requests: list[dict[str, Any]], clients: int, new_tokens: int) -> tuple[list, list, float]:
+    """Send ``requests`` from ``clients`` threads (each takes the next one); chat, greedy."""
+    import openai
+
+    texts: list[Any] = [None] * len(requests)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    cursor = iter(range(len(requests)))
+
+    def worker() -> None:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=3600)
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            req = requests[i]
+            start = time.perf_counter()
+            response = client.chat.completions.create(
+                model=req["model"], messages=[{"role": "user", "content": req["prompt"]}], max_tokens=new_tokens,
+                temperature=0, extra_body={**(req["extra"] or {}), "min_tokens": new_tokens})
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                texts[i] = (response.choices[0].message.content, response.usage.completion_tokens,
+                            response.model_extra["moa"]["routing"])
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return texts, latencies, time.perf_counter() - start
+
+
+def serve(model: Any, deterministic: bool, max_batch_size: int) -> tuple[Any, Any, Any, str]:
+    import uvicorn
+
+    from moa.serve.adapter_cache import AdapterCache
+    from moa.serve.app import create_app
+    from moa.serve.engine import Engine
+    from tests.serve.conftest import free_port
+
+    engine = Engine(model, max_batch_size=max_batch_size, max_queue=256, deterministic=deterministic)
+    cache = AdapterCache(engine, model, max_loras=None, allow_runtime_loading=False, pinned=set(model.adapter_names))
+    engine.start()
+    app = create_app(engine, model, cache, served_model_name="base")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return engine, server, thread, f"http://127.0.0.1:{port}"
+
+
+def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
+    """What app code does without moa serve: a lock, set_adapter, generate."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from tests.serve.conftest import free_port
+
+    app = FastAPI()
+    lock = threading.Lock()
+
+    @app.post("/v1/chat/completions")
+    def chat(body: dict) -> dict:  # a sync route: FastAPI runs it in its thread pool
+        ids = torch.tensor([chat_ids(model, body["messages"][-1]["content"])])
+        weights = body.get("adapter_weights")
+        name = body["model"]
+        if weights:
+            kwargs = {"adapter_weights": [weights]}
+        else:
+            kwargs = {"adapter_names": [name if name in model.adapter_names or name == "auto" else None]}
+        with lock, torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=body["max_tokens"],
+                                 do_sample=False, min_new_tokens=body["max_tokens"], **kwargs)
+        new = out[0, ids.shape[1]:]
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "length",
+                             "message": {"role": "assistant", "content": model.tokenizer.decode(new)}}],
+                "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new),
+                          "total_tokens": ids.shape[1] + len(new)}, "moa": {"routing": {}}}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def static_batches(model: Any, requests: list[dict[str, Any]], new_tokens: int, batch: int) -> dict[str, Any]:
+    """``model.generate`` on fixed batches (left padding); every row waits for its batch."""
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    latencies, tokens = [], 0
+    start = time.perf_counter()
+    for first in range(0, len(requests), batch):
+        group = requests[first: first + batch]
+        rows = [chat_ids(model, r["prompt"]) for r in group]
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        weights = ["auto" if r["auto"] else r["mixture"] for r in group]
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, adapter_weights=weights, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        tokens += (out.shape[1] - width) * len(group)
+        latencies += [time.perf_counter() - start] * len(group)
+    return summarize(f"static batches of {batch}", latencies, tokens, time.perf_counter() - start)
+
+
+def alone_answers(model: Any, requests: list[dict[str, Any]], new_tokens: int) -> list[str]:
+    answers = []
+    for r in requests:
+        ids = torch.tensor([chat_ids(model, r["prompt"])])
+        kwargs = {"adapter_names": ["auto"]} if r["auto"] else {"adapter_weights": [r["mixture"]]}
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, **kwargs)
+        answers.append(model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", choices=("fp32", "nf4"), default="fp32")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.precision)
+    rows: list[dict[str, Any]] = []
+    n = lambda clients: min(64, max(16, 2 * clients))  # noqa: E731 - requests per configuration
+    print(f"moa serve load, {args.precision}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
+
+    engine, server, thread, url = serve(model, deterministic=False, max_batch_size=32)
+    agreement = None
+    for clients in args.clients:
+        requests = workload(model, n(clients), mixed=True)
+        texts, latencies, seconds = drive(url, requests, clients, args.new_tokens)
+        rows.append(summarize(f"serve mixed {clients}", latencies, sum(t[1] for t in texts), seconds))
+        if clients == 16:
+            alone = alone_answers(model, requests, args.new_tokens)
+            same = sum(t[0] == a for t, a in zip(texts, alone))
+            agreement = {"requests": len(alone), "equal_to_alone": same}
+            print(f"  greedy answers under 16-client load equal to the request alone: {same}/{len(alone)}")
+    requests = workload(model, n(16), mixed=False)
+    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens)
+    rows.append(summarize("serve single-adapter 16", latencies, sum(t[1] for t in texts), seconds))
+    server.should_exit = True
+    thread.join()
+    engine.shutdown()
+
+    engine, server, thread, url = serve(model, deterministic=True, max_batch_size=32)
+    requests = workload(model, n(16), mixed=True)
+    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens)
+    rows.append(summarize("serve --deterministic 16", latencies, sum(t[1] for t in texts), seconds))
+    server.should_exit = True
+    thread.join()
+    engine.shutdown()
+
+    rows.append(static_batches(model, workload(model, n(16), mixed=True), args.new_tokens, 16))
+
+    server, thread, url = one_at_a_time_server(model)
+    requests = workload(model, 16, mixed=True)
+    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens)
+    rows.append(summarize("one at a time, 16 clients", latencies, sum(t[1] for t in texts), seconds))
+    server.should_exit = True
+    thread.join()
+
+    by = {r["config"]: r["tokens_per_s"] for r in rows}
+    ratios = {}
+    if "serve mixed 16" in by:
+        ratios = {
+            "serve16_over_static16": round(by["serve mixed 16"] / by["static batches of 16"], 2),
+            "serve16_over_one_at_a_time": round(by["serve mixed 16"] / by["one at a time, 16 clients"], 2),
+            "mixed_over_single_16": round(by["serve mixed 16"] / by["serve single-adapter 16"], 3),
+            "deterministic_over_batched_16": round(by["serve --deterministic 16"] / by["serve mixed 16"], 3),
+        }
+        print("ratios:", ratios)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"precision": args.precision, "new_tokens": args.new_tokens,
+                                    "threads": torch.get_num_threads(), "machine": platform.platform(),
+                                    "rows": rows, "ratios": ratios, "greedy_agreement_16": agreement}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""``moa serve``: an OpenAI-compatible server over one base and many adapters (continuous batching).
+
+Loads the base (NF4 by default), the adapters (by default the five shipped demo adapters
+and the shipped learned gate as the router), starts the engine thread and serves the HTTP
+app (:func:`moa.serve.app.create_app`) with uvicorn. SIGINT/SIGTERM: uvicorn stops accepting
+connections and waits up to ``--shutdown-timeout`` seconds for the open ones, then the engine
+finishes what is still in flight (cancelling it after the same timeout) and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from moa.errors import AdapterFormatError, MissingDependencyError
+
+logger = logging.getLogger(__name__)
+
+#: Default of ``--max-request-bytes``; the same as ``moa.serve.app.DEFAULT_MAX_REQUEST_BYTES``
+#: (not imported: ``moa --help`` must work without the serve extra).
+MAX_REQUEST_BYTES = 1 << 20
+
+
+def parse_lora_modules(pairs: list[str]) -> dict[str, str]:
+    """``["sql=path", "code=alice/code@v1"]`` -> ``{"sql": "path", "code": "alice/code@v1"}``.
+
+    Raises:
+        AdapterFormatError: an entry without ``=``, or a name given twice.
+    """
+    modules: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, source = pair.partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep or not name or not source:
+            raise AdapterFormatError(
+                f"--lora-modules entry {pair!r} must look like NAME=SOURCE, e.g. sql=./adapters/sql, "
+                f"code=alice/code-lora@v1 or icd=icd (a registry name)."
+            )
+        if name in modules:
+            raise AdapterFormatError(f"--lora-modules names {name!r} twice ({modules[name]!r} and {source!r}).")
+        modules[name] = source
+    return modules
+
+
+def _require_serving_deps() -> None:
+    missing = []
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise MissingDependencyError(
+            f"moa serve needs {', '.join(missing)}, which are not installed. Run: pip install 'moa[serve]'."
+        )
+
+
+def default_modules() -> tuple[dict[str, str], Path]:
+    """The shipped demo adapters ``{name: folder}`` and the shipped gate's folder."""
+    from moa.eval.assets import adapter_folders, router_dir, shipped_adapters_dir
+
+    shipped = shipped_adapters_dir()
+    return {name: str(folder) for name, folder in adapter_folders(shipped).items()}, router_dir(shipped)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    """``--served-model-name``, else a readable name of ``--base``."""
+    if args.served_model_name:
+        return str(args.served_model_name)
+    if args.base == "default":
+        from moa.model.default_base import DEFAULT_BASE_ID
+
+        return DEFAULT_BASE_ID.split("/")[-1]
+    return Path(str(args.base).rstrip("/")).name if Path(args.base).is_dir() else str(args.base)
+
+
+def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Load everything and return ``(uvicorn.Server, engine, app)`` (the engine started)."""
+    import uvicorn
+
+    import moa
+    from moa.hub.pull import load_router_folder
+    from moa.serve.adapter_cache import AdapterCache
+    from moa.serve.app import create_app
+    from moa.serve.engine import Engine
+
+    modules, router_folder = default_modules() if not args.lora_modules else (parse_lora_modules(args.lora_modules), None)
+    if args.router:
+        router_folder = Path(args.router)
+    router = None if args.no_router or router_folder is None else load_router_folder(router_folder)
+    routed = list(getattr(router, "gate_adapters", None) or [])
+    missing = [n for n in routed if n not in modules]
+    if missing:
+        raise AdapterFormatError(
+            f"The router routes to {missing}, which are not among the adapters served ({sorted(modules)}). "
+            f"Add them with --lora-modules NAME=SOURCE, or pass --no-router."
+        )
+    model = moa.MixtureModel.from_pretrained(args.base, quantization=None if args.quantization == "none" else "nf4")
+    engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                    deterministic=args.deterministic, max_prompt_tokens=args.max_prompt_tokens)
+    cache = AdapterCache(engine, model, max_loras=args.max_loras, allow_runtime_loading=args.allow_runtime_loading,
+                         pinned=set(routed))
+    order = routed + [n for n in modules if n not in routed]  # the router's adapters first: pinned, resident
+    for name in order:
+        if args.max_loras is None or len(cache.resident()) < args.max_loras or name in routed:
+            record = cache.load(name, modules[name], startup=True)
+            logger.info("Adapter %s: %s (%.2f s).", name, modules[name], record.load_seconds)
+        else:
+            cache.register(name, modules[name], startup=True)  # loads when first asked for
+    if router is not None:
+        model.set_router(router)
+    engine.start()
+    app = create_app(engine, model, cache, served_model_name=served_name(args), api_key=args.api_key,
+                     max_request_bytes=args.max_request_bytes, allow_runtime_loading=args.allow_runtime_loading)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    return uvicorn.Server(config), engine, app
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM, then drain and stop."""
+    _require_serving_deps()
+    server, engine, app = build_server(args)
+    names = app.state.names
+    print(f"moa serve: http://{args.host}:{args.port}/v1  models: {', '.join(names.choices())}", flush=True)
+    received = _note_signals()
+    try:
+        server.run()  # returns after SIGINT/SIGTERM, once open connections closed (or the timeout)
+    finally:
+        logger.info("Stopping the engine (signals: %s); in-flight requests get %.0f s.", received,
+                    args.shutdown_timeout)
+        engine.shutdown(timeout=args.shutdown_timeout)
+    return 0
+
+
+def _note_signals() -> list[int]:
+    """Record SIGINT/SIGTERM instead of dying, so the engine is drained after uvicorn stops.
+
+    uvicorn handles the signals while it runs, then restores the previous handlers and
+    raises the signal again; with these handlers in place that second delivery is only
+    noted, and ``cmd_serve`` goes on to stop the engine and exit 0.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        return received
+
+    def note(sig: int, frame: Any) -> None:
+        received.append(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, note)
+    return received
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve``."""
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server: one base, many adapters, per-request routing, continuous batching",
+        description=(
+            "Serves /v1/completions and /v1/chat/completions (streaming with stream=true), /v1/models, "
+            "vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, /health and /metrics (Prometheus). "
+            "A request's \"model\" picks the routing: the base (--served-model-name), an adapter name, "
+            "BASE:ADAPTER, or auto (the router decides from the prompt); moa's extension field "
+            "adapter_weights ({\"sql\": 0.7, \"code\": 0.3}) asks for an exact mixture. One engine thread "
+            "batches every running request at each step (rows join and leave between steps). Needs the "
+            "serve extra: pip install 'moa[serve]'."
+        ),
+    )
+    p.add_argument("--base", default="default",
+                   help="base model: 'default' (SmolLM2-135M-Instruct, shipped; the default), a local folder or a "
+                        "cached Hub id")
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "none"],
+                   help="nf4 (default): 4-bit NF4 base (bitsandbytes); none: dense base")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default %(default)s)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base's name in the API (default: derived from --base, e.g. SmolLM2-135M-Instruct)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=SOURCE",
+                   help="adapters to serve; SOURCE is a folder, a Hub id (owner/name[@revision]) or a registry "
+                        "name (default: the five shipped demo adapters, with the shipped learned gate as router)")
+    p.add_argument("--router", default=None,
+                   help="router folder (router_config.json + weights) for model='auto' (default: the shipped gate "
+                        "when --lora-modules is not given, else none)")
+    p.add_argument("--no-router", action="store_true", help="serve without a router ('auto' is then refused)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together at each step, at most (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch slot, at most; more get 429 with Retry-After (default %(default)s)")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapters resident in the model at once; more are evicted least-recently-used first "
+                        "(pinned: the router's) and reloaded when a request names them (default: no limit)")
+    p.add_argument("--allow-runtime-loading", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM's "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="decode each request alone: answers bit-identical to model.generate of that request, "
+                        "at the cost of batching")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default: the base's context minus 1); longer get 400")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help="largest request body accepted, in bytes; larger get 413 (default %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish on SIGINT/SIGTERM before cancelling them "
+                        "(default %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default %(default)s)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,140 @@
+"""The running rows' KV caches as one left-padded batch cache.
+
+Rows arrive with caches of different lengths. Their keys/values are stacked along the
+batch dimension, each row left-padded to the longest, with an attention mask that hides
+the padding; every row keeps its own positions (``position_ids``), so a row computes what
+it computes alone. The stack is rebuilt only when a row joins or leaves (as TGI's
+``concatenate``/``filter``), never per step; leading columns that only pad are trimmed
+when rows leave.
+
+Built on transformers' :class:`~transformers.DynamicCache` and its public layer tensors
+(``layers[i].keys`` / ``.values``, ``[batch, kv_heads, seq, head_dim]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from moa.errors import MoaError
+
+
+def new_cache(model: Any) -> Any:
+    """An empty :class:`~transformers.DynamicCache` for ``model``'s base."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_argument(model: Any) -> str:
+    """The name the base's forward takes its KV cache by (``cache`` in transformers >= 5.2x,
+    ``past_key_values`` before). The cache object is updated in place either way."""
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+
+def prefill_inputs(prompt_ids: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The inputs of one prompt's prefill (no padding), as ``generate`` builds them."""
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(ids.shape[1], device=device)[None],
+    }
+
+
+def _layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tensors = []
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise MoaError(
+                f"Serving batches need plain dynamic KV cache layers; this base uses "
+                f"{type(layer).__name__}. Serve it with --deterministic (one row per forward)."
+            )
+        tensors.append((layer.keys, layer.values))
+    return tensors
+
+
+def _cache_from(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(tensors):
+        cache.update(keys, values, index)
+    return cache
+
+
+def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[-2]
+    return F.pad(tensor, (0, 0, missing, 0)) if missing > 0 else tensor
+
+
+class BatchCache:
+    """Left-padded KV caches of the running rows, in the rows' order.
+
+    Attributes:
+        cache: The stacked :class:`~transformers.DynamicCache`.
+        mask: ``[B, L]`` 1 on real positions, 0 on padding.
+    """
+
+    def __init__(self, cache: Any, mask: torch.Tensor):
+        self.cache = cache
+        self.mask = mask
+
+    @classmethod
+    def from_row(cls, cache: Any) -> BatchCache:
+        """A batch of one row (its prefilled cache)."""
+        keys = _layer_tensors(cache)[0][0]
+        return cls(cache, torch.ones(1, keys.shape[-2], dtype=torch.long, device=keys.device))
+
+    @property
+    def size(self) -> int:
+        """Rows in the batch."""
+        return int(self.mask.shape[0])
+
+    def join(self, cache: Any) -> None:
+        """Append one row's prefilled cache as the last row."""
+        mine, theirs = _layer_tensors(self.cache), _layer_tensors(cache)
+        row_len = theirs[0][0].shape[-2]
+        length = max(self.mask.shape[1], row_len)
+        stacked = [
+            (torch.cat([_pad_left(k, length), _pad_left(rk, length)]),
+             torch.cat([_pad_left(v, length), _pad_left(rv, length)]))
+            for (k, v), (rk, rv) in zip(mine, theirs, strict=True)
+        ]
+        row_mask = torch.ones(1, row_len, dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)),
+                               F.pad(row_mask, (length - row_len, 0))])
+        self.cache = _cache_from(stacked)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order); trim columns that only pad."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        self.mask = mask[:, start:]
+        self.cache = _cache_from([
+            (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
+            for k, v in _layer_tensors(self.cache)
+        ])
+
+    def step_inputs(
+        self, tokens: Sequence[int], positions: Sequence[int], device: torch.device, cache_key: str
+    ) -> dict[str, Any]:
+        """The inputs of one decode step: each row's last token at its own position."""
+        ones = torch.ones(self.size, 1, dtype=self.mask.dtype, device=self.mask.device)
+        return {
+            "input_ids": torch.tensor([[t] for t in tokens], dtype=torch.long, device=device),
+            "position_ids": torch.tensor([[p] for p in positions], dtype=torch.long, device=device),
+            "attention_mask": torch.cat([self.mask, ones], dim=1),
+            cache_key: self.cache,
+        }
+
+    def advance(self) -> None:
+        """Record the step just run (the cache grew in place: one more real position per row)."""
+        self.mask = F.pad(self.mask, (0, 1), value=1)

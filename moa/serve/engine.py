@@ -1,0 +1,456 @@
+"""The serving engine: one thread owns the model and batches requests at every step.
+
+Continuous (iteration-level) batching, as in Orca / vLLM / TGI: a new request joins the
+running batch at the next step and a finished one leaves at once, so no row waits for
+the longest. Each step:
+
+1. run the admin calls queued by the app (adapter load/unload) — between two steps, so
+   no forward ever sees the bank change under it;
+2. drop cancelled rows (a client that went away);
+3. admit queued requests up to ``max_batch_size``: each is prefilled alone (its own KV
+   cache, exactly the ops of ``model.generate`` on that request alone) and its first token
+   sampled; a request asking for the router gets its decision here, once, from its prompt;
+4. decode one token for every running row in ONE forward: the rows' KV caches live in one
+   left-padded batch cache (joined when a row arrives, sliced when one leaves), each row
+   keeps its own routing (named, weighted or routed — moa's per-row routing puts them in
+   one batch) and its own positions.
+
+``deterministic=True`` decodes each row alone instead (batch 1, its own cache): every
+answer is then bit-identical to ``model.generate`` of that request alone, whatever else
+is running, at the cost of batching (measured in ``benchmarks/serve_load.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import torch
+
+from moa.serve.batch_cache import BatchCache, cache_argument, new_cache, prefill_inputs
+from moa.serve.requests import (
+    BadRequestError,
+    Completion,
+    EngineDeadError,
+    GenerationRequest,
+    OverloadedError,
+    UnknownModelError,
+)
+from moa.serve.rows import Row
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RequestHandle:
+    """The client side of one request: its token events and its completion.
+
+    Events reach an asyncio consumer through its event loop (captured when the request
+    was submitted from a running loop), or a blocking consumer through :meth:`wait`.
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
+        self.request_id = request.request_id
+        self._loop = loop
+        self._events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._blocking: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self._completion: Completion | None = None
+        self._error: BaseException | None = None
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (finish reason "cancelled")."""
+        self.cancelled.set()
+
+    # -- engine side -----------------------------------------------------------------------
+
+    def _push(self, item: Any) -> None:
+        if self._events is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:  # the client's loop is closed: nobody listens any more
+            self.cancelled.set()
+
+    def emit(self, event: Any) -> None:
+        """Deliver one :class:`~moa.serve.requests.TokenEvent` (engine thread)."""
+        self._push(event)
+
+    def finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
+        """Deliver the end of the request (engine thread)."""
+        self._completion, self._error = completion, error
+        self._done.set()
+        self._push(error if error is not None else completion)
+
+    # -- client side -----------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def events(self) -> AsyncIterator[Any]:
+        """Each generated token's event, in order; ends when the request ends."""
+        if self._events is None:
+            raise RuntimeError("This request was submitted outside an event loop; use wait().")
+        while True:
+            item = await self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Completion):
+                return
+            yield item
+
+    async def result(self) -> Completion:
+        """Wait for the end (consuming the events) and return the completion."""
+        if not self.done:
+            async for _ in self.events():
+                pass
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion
+
+    def wait(self, timeout: float | None = None) -> Completion:
+        """Block until the request ends; return its completion (or raise its error)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"Request {self.request_id} did not finish within {timeout} s.")
+        if self._error is not None:
+            raise self._error
+        assert self._completion is not None
+        return self._completion
+
+
+class Engine:
+    """Continuous batching over one :class:`~moa.MixtureModel`.
+
+    Args:
+        model: The model (its tokenizer decodes the text). The engine is its only caller
+            for generation while it runs.
+        max_batch_size: Rows decoded together at most.
+        max_queue: Requests waiting at most; more are refused (:class:`OverloadedError`).
+        deterministic: Decode each row alone (answers bit-identical to ``generate`` alone).
+        max_prompt_tokens: Longest prompt accepted (default: the base's context minus 1).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        deterministic: bool = False,
+        max_prompt_tokens: int | None = None,
+    ):
+        if max_batch_size < 1:
+            raise BadRequestError(f"max_batch_size must be >= 1; got {max_batch_size}.")
+        self.model = model
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue = int(max_queue)
+        self.deterministic = bool(deterministic)
+        context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.max_context = context
+        self.max_prompt_tokens = min(int(max_prompt_tokens or context - 1), context - 1)
+        self.eos_ids = _eos_ids(model)
+        self._cache_key = cache_argument(model)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Row] = collections.deque()
+        self._admin: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._running: list[Row] = []
+        self._admitting: Row | None = None  # popped from the queue, being prefilled
+        self._batch: BatchCache | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._cancel_on_stop = False
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+        self.steps = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="moa-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop runs and accepts requests."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping and self._dead is None
+
+    def shutdown(self, timeout: float = 30.0, cancel: bool = False) -> None:
+        """Stop accepting requests, finish (or cancel) the in-flight ones, stop the thread.
+
+        Args:
+            timeout: Seconds to wait for in-flight requests; after that they are cancelled.
+            cancel: Cancel in-flight requests at once instead of finishing them.
+        """
+        with self._cond:
+            self._stopping = True
+            self._cancel_on_stop = cancel
+            self._cond.notify_all()
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                self._cancel_on_stop = True
+                self._cond.notify_all()
+            self._thread.join(10)
+
+    # -- client API ------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; returns its handle at once.
+
+        Raises:
+            EngineDeadError: The engine is not running.
+            BadRequestError: Empty or too long prompt, or "auto" without a router.
+            UnknownModelError: An adapter that is not loaded.
+            OverloadedError: The queue is full.
+        """
+        self._check_alive()
+        prompt_len = len(request.prompt_ids)
+        if prompt_len == 0:
+            raise BadRequestError("The prompt is empty; give at least one token.")
+        if prompt_len > self.max_prompt_tokens or prompt_len + request.params.max_tokens > self.max_context:
+            raise BadRequestError(
+                f"The prompt has {prompt_len} tokens and asks for {request.params.max_tokens} more; this "
+                f"server takes prompts up to {self.max_prompt_tokens} tokens and {self.max_context} in all. "
+                f"Shorten the prompt or lower max_tokens."
+            )
+        loaded = set(self.model.adapter_names)
+        missing = [name for name in request.routing.adapters() if name not in loaded]
+        if missing:
+            raise UnknownModelError(
+                f"Adapter {missing[0]!r} is not loaded. Loaded: {', '.join(sorted(loaded)) or 'none'}."
+            )
+        if request.routing.auto and self.model.router is None:
+            raise BadRequestError("This request asks the router ('auto'), but the server runs without one.")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = RequestHandle(request, loop)
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise OverloadedError(
+                    f"The server is busy: {len(self._waiting)} requests are already waiting "
+                    f"(--max-queue {self.max_queue}). Retry shortly.",
+                    retry_after=1.0,
+                )
+            self._waiting.append(Row(request, handle, self, time.perf_counter()))
+            self._cond.notify_all()
+        return handle
+
+    def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run ``fn`` on the engine thread between two steps; return its result (or raise)."""
+        if threading.current_thread() is self._thread or self._thread is None or not self._thread.is_alive():
+            return fn()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._admin.append((fn, future))
+            self._cond.notify_all()
+        return future.result(timeout)
+
+    def in_use(self) -> dict[str, int]:
+        """Adapter -> number of waiting and running requests that use it."""
+        counts: dict[str, int] = collections.Counter()
+        with self._cond:
+            rows = [*self._waiting, *self._running, *([self._admitting] if self._admitting else [])]
+        for row in rows:
+            for name in row.adapters():
+                counts[name] += 1
+        return dict(counts)
+
+    def stats(self) -> dict[str, int]:
+        """Queue depth, running rows, batch size cap, steps so far."""
+        with self._cond:
+            return {"queued": len(self._waiting), "running": len(self._running),
+                    "max_batch_size": self.max_batch_size, "steps": self.steps}
+
+    def running_adapters(self) -> tuple[list[str], list[str]]:
+        """(adapters of running rows, adapters of waiting rows), for the LoRA info gauge."""
+        with self._cond:
+            running = sorted({n for row in self._running for n in row.adapters()})
+            waiting = sorted({n for row in self._waiting for n in row.adapters()})
+        return running, waiting
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"The engine stopped after an error: {self._dead!r}. Restart the server.")
+        if self._thread is None or not self._thread.is_alive() or self._stopping:
+            raise EngineDeadError("The engine is not running (not started, or shutting down).")
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._one_iteration():
+                    pass
+        except BaseException as error:  # noqa: BLE001 - the engine dies; every client is told
+            logger.exception("The engine loop crashed; failing every request.")
+            self._dead = error
+            self._fail_all(EngineDeadError(f"The engine crashed: {error!r}"))
+
+    def _one_iteration(self) -> bool:
+        with self._cond:
+            while not (self._admin or self._waiting or self._running or self._stopping):
+                self._cond.wait()
+            admin = list(self._admin)
+            self._admin.clear()
+            if self._stopping and (self._cancel_on_stop or not (self._waiting or self._running)):
+                stop = True
+            else:
+                stop = False
+        for fn, future in admin:
+            _run_admin(fn, future)
+        if stop:
+            self._cancel_all()
+            return False
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode()
+        return True
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch_size:
+            with self._cond:
+                if not self._waiting:
+                    return
+                row = self._admitting = self._waiting.popleft()  # still counted by in_use()
+            cache = None
+            try:
+                if row.handle.cancelled.is_set():
+                    row.finish("cancelled")
+                else:
+                    cache = self._prefill(row)
+            except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
+                logger.warning("Request %s failed in prefill: %s", row.request_id, error)
+                row.handle.finish(None, error)
+            with self._cond:
+                self._admitting = None
+                if cache is None or row.finished:
+                    continue
+                self._running.append(row)
+            if self.deterministic:
+                row.cache = cache
+            elif self._batch is None:
+                self._batch = BatchCache.from_row(cache)
+            else:
+                self._batch.join(cache)
+
+    def _prefill(self, row: Row) -> Any:
+        model = self.model
+        row.start_prefill()
+        inputs = prefill_inputs(row.request.prompt_ids, model.device)
+        if row.request.routing.auto:  # decided once from the prompt, exactly as inside generate's prefill
+            mixture = model.route(inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+            row.set_decided(mixture, int(model.router.hidden_layer or 0))
+        cache = new_cache(model)
+        out = model(**inputs, **{self._cache_key: cache}, use_cache=True, logits_to_keep=1,
+                    **row.routing_kwargs(model))
+        row.accept(out.logits[0, -1])
+        return cache  # filled in place
+
+    def _decode(self) -> None:
+        rows = list(self._running)
+        self.steps += 1
+        if self.deterministic:
+            for row in rows:
+                inputs = {"input_ids": torch.tensor([[row.last_token]], device=self.model.device),
+                          "position_ids": torch.tensor([[row.length - 1]], device=self.model.device)}
+                out = self.model(**inputs, attention_mask=torch.ones(1, row.length, dtype=torch.long),
+                                 **{self._cache_key: row.cache}, use_cache=True, **row.routing_kwargs(self.model))
+                row.accept(out.logits[0, -1])
+        else:
+            batch = self._batch
+            assert batch is not None
+            inputs = batch.step_inputs([row.last_token for row in rows], [row.length - 1 for row in rows],
+                                       self.model.device, self._cache_key)
+            kwargs = Row.batch_routing_kwargs(rows, self.model)
+            out = self.model(**inputs, use_cache=True, **kwargs)
+            batch.advance()
+            for i, row in enumerate(rows):
+                row.accept(out.logits[i, -1])
+        self._remove([i for i, row in enumerate(rows) if row.finished])
+
+    def _remove(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        gone = set(indices)
+        with self._cond:
+            self._running = [row for i, row in enumerate(self._running) if i not in gone]
+        if self._batch is not None:
+            if self._running:
+                self._batch.keep([i for i in range(self._batch.size) if i not in gone])
+            else:
+                self._batch = None
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [i for i, row in enumerate(self._running) if row.handle.cancelled.is_set()]
+        for i in cancelled:
+            self._running[i].finish("cancelled")
+        self._remove(cancelled)
+        with self._cond:
+            waiting = [row for row in self._waiting if row.handle.cancelled.is_set()]
+            for row in waiting:
+                self._waiting.remove(row)
+        for row in waiting:
+            row.finish("cancelled")
+
+    def _cancel_all(self) -> None:
+        with self._cond:
+            rows = [*self._running, *self._waiting]
+            self._running, self._batch = [], None
+            self._waiting.clear()
+        for row in rows:
+            if not row.finished:
+                row.finish("cancelled")
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            rows = [*self._running, *self._waiting]
+            admin = list(self._admin)
+            self._running, self._batch = [], None
+            self._waiting.clear()
+            self._admin.clear()
+        for row in rows:
+            if not row.handle.done:
+                row.handle.finish(None, error)
+        for _, future in admin:
+            future.set_exception(error)
+
+
+def _run_admin(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as error:  # noqa: BLE001 - handed to the caller
+        future.set_exception(error)
+
+
+def _eos_ids(model: Any) -> frozenset[int]:
+    """Token ids that end a completion (the generation config's and the tokenizer's EOS)."""
+    ids: set[int] = set()
+    config = getattr(model.base_model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos is not None:
+        ids.update(int(e) for e in eos)
+    tokenizer = model.tokenizer
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
