@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from moa import kernels
+from moa.kernels.dense import lora_dense, prefer_dense
 from moa.kernels.metadata import LoraStack, PackedLora, RoutingMetadata
 
 __all__ = ["LoraMixtureFunction", "lora_mixture"]
@@ -180,5 +181,7 @@ def lora_mixture(
     _, weights = _present(stack)
     tracked = (x, meta.pair_weight, out, *weights)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
+        if backend.__name__ == "moa.kernels.reference" and prefer_dense(stack, meta):
+            return lora_dense(x, stack, meta, out)  # few tokens: two GEMMs beat many small ops
         return backend.lora_expand(backend.lora_shrink(x, stack, meta), stack, meta, out)
     return LoraMixtureFunction.apply(x, meta.pair_weight, out, stack, meta, backend, *weights)
