@@ -59,7 +59,7 @@ def transposed_unit_stack(stack: LoraStack, packed: PackedLora | None = None) ->
         # Same cache key as LoraStack.packed(); if that scheme changes, packed() simply
         # rebuilds (correct, one copy slower).
         key = tuple(
-            (id(t), t._version) if t is not None else None  # noqa: SLF001 - public tensor attr
+            (id(t), t._version, t.data_ptr()) if t is not None else None  # noqa: SLF001 - public tensor attr
             for t in (*lora_a, *lora_b)
         )
         transposed.seed_packed(key, PackedLora(
@@ -180,8 +180,8 @@ def lora_mixture(
         backend = kernels.backend_for(out.device)
     _, weights = _present(stack)
     tracked = (x, meta.pair_weight, out, *weights)
+    if backend.__name__ == "moa.kernels.reference" and prefer_dense(stack, meta):
+        return lora_dense(x, stack, meta, out)  # few tokens: a few GEMMs beat many small ops
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
-        if backend.__name__ == "moa.kernels.reference" and prefer_dense(stack, meta):
-            return lora_dense(x, stack, meta, out)  # few tokens: two GEMMs beat many small ops
         return backend.lora_expand(backend.lora_shrink(x, stack, meta), stack, meta, out)
     return LoraMixtureFunction.apply(x, meta.pair_weight, out, stack, meta, backend, *weights)

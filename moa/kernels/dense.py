@@ -11,10 +11,13 @@ version) serve the whole batch in one shrink and one expand::
     out += h @ B_all                       # [T, H_out]
 
 which is exactly ``y[t] = out[t] + sum_p w_p s_a B_a A_a x[t]`` (the zero columns add
-nothing). It reads each adapter's weights once, like the grouped path, and computes
-``T x R_total`` ranks instead of the routed ones, so it is used only when that waste is
-smaller than the grouped path's per-adapter overhead (:func:`prefer_dense`); no gradient
-(training keeps the explicit autograd path).
+nothing). The expand runs per active adapter over its own columns, so a row's bits never
+depend on which other adapters are loaded or which other rows are in the batch. It reads
+each adapter's weights once, like the grouped path, and computes ``T x R_total`` ranks
+instead of the routed ones, so it is used only when that waste is smaller than the grouped
+path's per-adapter overhead (:func:`prefer_dense`). Plain torch ops: autograd differentiates
+it (x, A, B and the routing weights) whether or not gradients are recorded, so a forward
+gives the same bits in both modes.
 """
 
 from __future__ import annotations
@@ -28,19 +31,23 @@ GROUP_OVERHEAD = 4096
 
 
 def prefer_dense(stack: LoraStack, meta: RoutingMetadata) -> bool:
-    """Whether the dense strategy is cheaper for this layer and forward."""
-    ranks = stack.ranks
-    total = sum(ranks)
-    if total == 0:
+    """Whether the dense strategy is cheaper for this layer and forward.
+
+    Decided from the routed adapters only (never from others merely loaded), so loading or
+    removing an unused adapter never switches a forward to another strategy. Float32
+    adapters only: the grouped reference accumulates 16-bit adapters in float32.
+    """
+    if stack.dtype() != torch.float32:
         return False
-    routed = 0
-    active = 0
+    ranks = stack.ranks
+    routed = active_ranks = active = 0
     for slot in meta.active_adapters:
         if ranks[slot]:
             start, end = meta.pairs_of(slot)
             routed += (end - start) * ranks[slot]
+            active_ranks += ranks[slot]
             active += 1
-    return meta.num_tokens * total <= 2 * routed + GROUP_OVERHEAD * active
+    return active > 0 and meta.num_tokens * active_ranks <= 2 * routed + GROUP_OVERHEAD * active
 
 
 def _coefficients(stack: LoraStack, packed: PackedLora, meta: RoutingMetadata, dtype: torch.dtype) -> torch.Tensor:
@@ -60,20 +67,34 @@ def _coefficients(stack: LoraStack, packed: PackedLora, meta: RoutingMetadata, d
 
 
 def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: torch.Tensor) -> torch.Tensor:
-    """``out + sum_p w_p s_a B_a A_a x[t_p]`` by two GEMMs over every adapter of the layer.
+    """``out + sum_p w_p s_a B_a A_a x[t_p]``: one shrink over every adapter, one expand per active one.
 
     Args:
         x: ``[T, H_in]`` in the adapters' dtype.
         stack: The layer's adapters by slot.
         meta: The forward's routing pairs.
-        out: ``[T, H_out]``, updated in place.
+        out: ``[T, H_out]``; updated in place when no gradient is recorded.
 
     Returns:
-        ``out``.
+        The result (``out`` itself when updated in place).
     """
     packed = stack.packed()
-    h = x @ packed.lora_a.t()
-    h *= _coefficients(stack, packed, meta, h.dtype)
-    if out.dtype == h.dtype:
-        return out.addmm_(h, packed.lora_b)
-    return out.add_((h @ packed.lora_b).to(out.dtype))
+    ranks = stack.ranks
+    offsets = meta.extra(("rank_offsets", tuple(ranks)), lambda: packed.rank_offsets.tolist())
+    active = [slot for slot in meta.active_adapters if ranks[slot]]
+    tracking = torch.is_grad_enabled()
+    coefficients = _coefficients(stack, packed, meta, x.dtype)
+    everyone = len(active) == sum(1 for r in ranks if r)
+    # every adapter of the layer routed (a decode step): one shrink over all the columns;
+    # else one per routed adapter, so unused adapters cost nothing (same bits per column)
+    shrunk = x @ packed.lora_a.t() if everyone else None
+    # One expand per routed adapter over its own rank columns (not one over all columns): a
+    # row's result then never depends on which other adapters are loaded; the rows that do
+    # not use the adapter add exact zeros.
+    for slot in active:
+        start, end = offsets[slot], offsets[slot + 1]
+        h = shrunk[:, start:end] if shrunk is not None else x @ packed.lora_a[start:end].t()
+        h = (h * coefficients[:, start:end]).to(out.dtype)
+        lora_b = packed.lora_b[start:end].to(out.dtype)
+        out = torch.addmm(out, h, lora_b) if tracking else out.addmm_(h, lora_b)
+    return out

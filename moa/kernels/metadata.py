@@ -177,7 +177,7 @@ class LoraStack:
     def packed(self) -> PackedLora:
         """Contiguous buffers, rebuilt only when a weight changed (training, loading)."""
         key = tuple(
-            (id(t), t._version) if t is not None else None  # noqa: SLF001 - public tensor attr
+            (id(t), t._version, t.data_ptr()) if t is not None else None  # noqa: SLF001 - public tensor attr
             for t in (*self.lora_a, *self.lora_b)
         )
         needs_grad = torch.is_grad_enabled() and any(

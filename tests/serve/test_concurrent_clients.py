@@ -95,3 +95,35 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(stack):
         time.sleep(0.05)
     assert stack.engine.stats() | {"steps": 0} == {"queued": 0, "running": 0, "max_batch_size": 16, "steps": 0}
     assert time.monotonic() < deadline  # it left well before its 200 tokens
+
+
+def test_load_unload_and_evict_while_requests_run(tmp_path):
+    """Adapter changes land between steps: running rows keep their answers, bit for bit."""
+    with serving_stack(tmp_path, ranks=RANKS, router=False, max_loras=3, allow_runtime_loading=True,
+                       resident=("sql", "code", "french"), max_batch_size=8) as live:
+        expected = {name: offline(live.model, "long running " + name, {name: 1.0}, False) for name in ("sql", "code")}
+        answers: dict[str, str] = {}
+
+        def client(name: str) -> None:
+            answers[name] = live.client().completions.create(
+                model=name, prompt="long running " + name, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=client, args=(name,)) for name in ("sql", "code")]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while live.engine.stats()["running"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        changes = []
+        client_ = live.client()
+        # unload an idle adapter, load a new one, then name a registered one (evicts the LRU idle one)
+        changes.append(client_.post("/unload_lora_adapter", body={"lora_name": "french"}, cast_to=object))
+        changes.append(client_.post("/load_lora_adapter", body={"lora_name": "extra", "lora_path": str(live.folders["icd"])},
+                                    cast_to=object))
+        changes.append(client_.completions.create(model="math", prompt="x", max_tokens=2, temperature=0))
+        for t in threads:
+            t.join(60)
+        assert answers == expected
+        assert all(getattr(c, "get", lambda k: "ok")("status") == "ok" for c in changes[:2])
+        assert "french" not in live.model.adapter_names and "math" in live.model.adapter_names
+        assert len(live.model.adapter_names) <= 3
