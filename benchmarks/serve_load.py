@@ -1,9 +1,10 @@
 """``moa serve`` under load: continuous batching vs static batches vs one request at a time.
 
 All in one run, on the default base with the five shipped adapters and the shipped gate,
-over the shipped adapters' real test prompts (chat template, greedy, exactly ``--new-tokens`` new
-tokens: EOS masked as ``min_new_tokens`` / vLLM's ``min_tokens`` do, so every request costs
-the same):
+over the shipped adapters' real test prompts (chat template, greedy, up to ``--new-tokens`` new
+tokens; each answer ends at its EOS, so answers differ in length as in real traffic —
+``--fixed-length`` masks EOS instead, as ``min_new_tokens`` / vLLM's ``min_tokens`` do, so
+every request costs the same). Throughput counts the tokens actually generated:
 
 * ``serve mixed C``: C concurrent clients over HTTP (``openai`` client) against ``moa
   serve``'s app; requests cycle through the five adapters, exact mixtures and ``auto``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import socket
 import statistics
 import threading
 import time
@@ -36,6 +38,13 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def load_model(precision: str) -> Any:
@@ -90,7 +99,8 @@ def summarize(name: str, latencies: list[float], tokens: int, seconds: float) ->
     return row
 
 
-def drive(base_url: str, requests: list[dict[str, Any]], clients: int, new_tokens: int) -> tuple[list, list, float]:
+def drive(base_url: str, requests: list[dict[str, Any]], clients: int, new_tokens: int,
+          min_tokens: int) -> tuple[list, list, float]:
     """Send ``requests`` from ``clients`` threads (each takes the next one); chat, greedy."""
     import openai
 
@@ -110,7 +120,7 @@ def drive(base_url: str, requests: list[dict[str, Any]], clients: int, new_token
             start = time.perf_counter()
             response = client.chat.completions.create(
                 model=req["model"], messages=[{"role": "user", "content": req["prompt"]}], max_tokens=new_tokens,
-                temperature=0, extra_body={**(req["extra"] or {}), "min_tokens": new_tokens})
+                temperature=0, extra_body={**(req["extra"] or {}), "min_tokens": min_tokens})
             with lock:
                 latencies.append(time.perf_counter() - start)
                 texts[i] = (response.choices[0].message.content, response.usage.completion_tokens,
@@ -131,8 +141,6 @@ def serve(model: Any, deterministic: bool, max_batch_size: int) -> tuple[Any, An
     from moa.serve.adapter_cache import AdapterCache
     from moa.serve.app import create_app
     from moa.serve.engine import Engine
-    from tests.serve.conftest import free_port
-
     engine = Engine(model, max_batch_size=max_batch_size, max_queue=256, deterministic=deterministic)
     cache = AdapterCache(engine, model, max_loras=None, allow_runtime_loading=False, pinned=set(model.adapter_names))
     engine.start()
@@ -151,8 +159,6 @@ def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
     import uvicorn
     from fastapi import FastAPI
 
-    from tests.serve.conftest import free_port
-
     app = FastAPI()
     lock = threading.Lock()
 
@@ -167,7 +173,7 @@ def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
             kwargs = {"adapter_names": [name if name in model.adapter_names or name == "auto" else None]}
         with lock, torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=body["max_tokens"],
-                                 do_sample=False, min_new_tokens=body["max_tokens"], **kwargs)
+                                 do_sample=False, min_new_tokens=body.get("min_tokens", 0), **kwargs)
         new = out[0, ids.shape[1]:]
         return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                 "choices": [{"index": 0, "finish_reason": "length",
@@ -184,7 +190,16 @@ def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def static_batches(model: Any, requests: list[dict[str, Any]], new_tokens: int, batch: int) -> dict[str, Any]:
+def answer_length(row: torch.Tensor, eos: set[int]) -> int:
+    """Tokens a row really generated: up to and including its first EOS."""
+    for i, token in enumerate(row.tolist()):
+        if token in eos:
+            return i + 1
+    return len(row)
+
+
+def static_batches(model: Any, requests: list[dict[str, Any]], new_tokens: int, batch: int,
+                   min_tokens: int) -> dict[str, Any]:
     """``model.generate`` on fixed batches (left padding); every row waits for its batch."""
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
@@ -200,20 +215,26 @@ def static_batches(model: Any, requests: list[dict[str, Any]], new_tokens: int, 
         weights = ["auto" if r["auto"] else r["mixture"] for r in group]
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, adapter_weights=weights, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-        tokens += (out.shape[1] - width) * len(group)
+                                 min_new_tokens=min_tokens, do_sample=False, pad_token_id=pad)
+        eos = set(eos_ids(model))
+        tokens += sum(answer_length(row, eos) for row in out[:, width:])
         latencies += [time.perf_counter() - start] * len(group)
     return summarize(f"static batches of {batch}", latencies, tokens, time.perf_counter() - start)
 
 
-def alone_answers(model: Any, requests: list[dict[str, Any]], new_tokens: int) -> list[str]:
+def eos_ids(model: Any) -> list[int]:
+    eos = model.base_model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [model.tokenizer.eos_token_id])
+
+
+def alone_answers(model: Any, requests: list[dict[str, Any]], new_tokens: int, min_tokens: int) -> list[str]:
     answers = []
     for r in requests:
         ids = torch.tensor([chat_ids(model, r["prompt"])])
         kwargs = {"adapter_names": ["auto"]} if r["auto"] else {"adapter_weights": [r["mixture"]]}
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, **kwargs)
+                                 min_new_tokens=min_tokens, do_sample=False, **kwargs)
         answers.append(model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return answers
 
@@ -224,10 +245,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="mask EOS so every answer has exactly --new-tokens tokens")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.precision)
+    min_tokens = args.new_tokens if args.fixed_length else 0
     rows: list[dict[str, Any]] = []
     n = lambda clients: min(64, max(16, 2 * clients))  # noqa: E731 - requests per configuration
     print(f"moa serve load, {args.precision}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
@@ -236,15 +260,15 @@ def main() -> None:
     agreement = None
     for clients in args.clients:
         requests = workload(model, n(clients), mixed=True)
-        texts, latencies, seconds = drive(url, requests, clients, args.new_tokens)
+        texts, latencies, seconds = drive(url, requests, clients, args.new_tokens, min_tokens)
         rows.append(summarize(f"serve mixed {clients}", latencies, sum(t[1] for t in texts), seconds))
         if clients == 16:
-            alone = alone_answers(model, requests, args.new_tokens)
+            alone = alone_answers(model, requests, args.new_tokens, min_tokens)
             same = sum(t[0] == a for t, a in zip(texts, alone))
             agreement = {"requests": len(alone), "equal_to_alone": same}
             print(f"  greedy answers under 16-client load equal to the request alone: {same}/{len(alone)}")
     requests = workload(model, n(16), mixed=False)
-    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens)
+    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
     rows.append(summarize("serve single-adapter 16", latencies, sum(t[1] for t in texts), seconds))
     server.should_exit = True
     thread.join()
@@ -252,17 +276,17 @@ def main() -> None:
 
     engine, server, thread, url = serve(model, deterministic=True, max_batch_size=32)
     requests = workload(model, n(16), mixed=True)
-    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens)
+    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
     rows.append(summarize("serve --deterministic 16", latencies, sum(t[1] for t in texts), seconds))
     server.should_exit = True
     thread.join()
     engine.shutdown()
 
-    rows.append(static_batches(model, workload(model, n(16), mixed=True), args.new_tokens, 16))
+    rows.append(static_batches(model, workload(model, n(16), mixed=True), args.new_tokens, 16, min_tokens))
 
     server, thread, url = one_at_a_time_server(model)
     requests = workload(model, 16, mixed=True)
-    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens)
+    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
     rows.append(summarize("one at a time, 16 clients", latencies, sum(t[1] for t in texts), seconds))
     server.should_exit = True
     thread.join()
@@ -279,6 +303,7 @@ def main() -> None:
         print("ratios:", ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"precision": args.precision, "new_tokens": args.new_tokens,
+                                    "fixed_length": args.fixed_length,
                                     "threads": torch.get_num_threads(), "machine": platform.platform(),
                                     "rows": rows, "ratios": ratios, "greedy_agreement_16": agreement}, indent=2))
     print(f"wrote {args.out}")
