@@ -136,7 +136,6 @@ def drive(base_url: str, requests: list[dict[str, Any]], clients: int, new_token
 
 
 def serve(model: Any, deterministic: bool, max_batch_size: int) -> tuple[Any, Any, Any, str]:
-    import uvicorn
 
     from moa.serve.adapter_cache import AdapterCache
     from moa.serve.app import create_app
@@ -144,19 +143,25 @@ def serve(model: Any, deterministic: bool, max_batch_size: int) -> tuple[Any, An
     engine = Engine(model, max_batch_size=max_batch_size, max_queue=256, deterministic=deterministic)
     cache = AdapterCache(engine, model, max_loras=None, allow_runtime_loading=False, pinned=set(model.adapter_names))
     engine.start()
-    app = create_app(engine, model, cache, served_model_name="base")
+    server, thread, url = start_uvicorn(create_app(engine, model, cache, served_model_name="base"))
+    return engine, server, thread, url
+
+
+def start_uvicorn(app: Any) -> tuple[Any, threading.Thread, str]:
+    """Serve ``app`` on a free port of 127.0.0.1 in a thread; wait until it listens."""
+    import uvicorn
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    return engine, server, thread, f"http://127.0.0.1:{port}"
+    return server, thread, f"http://127.0.0.1:{port}"
 
 
 def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
     """What app code does without moa serve: a lock, set_adapter, generate."""
-    import uvicorn
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -181,13 +186,7 @@ def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
                 "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new),
                           "total_tokens": ids.shape[1] + len(new)}, "moa": {"routing": {}}}
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+    return start_uvicorn(app)
 
 
 def answer_length(row: torch.Tensor, eos: set[int]) -> int:

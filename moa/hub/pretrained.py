@@ -59,7 +59,7 @@ from moa.errors import (
     UnsafeFileError,
     format_choices,
 )
-from moa.hub.pull import CARD_NAME, PRETRAINED_INDEX_NAME, check_repo_id
+from moa.hub.pull import CARD_NAME, PRETRAINED_INDEX_NAME, check_repo_id, folder_or_pulled
 from moa.hub.verify import check_file_name, check_sha256_hex, is_pickle_name, sha256_file
 
 if TYPE_CHECKING:
@@ -486,16 +486,11 @@ def load_pretrained_adapters(
 def _local_folder(
     directory: str | os.PathLike, revision: str | None, cache_dir: Any, token: str | None, max_rank: int | None
 ) -> Path:
-    path = Path(directory)
-    if path.is_dir():
-        return path
-    text = str(directory)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/")):
-        raise AdapterFormatError(
-            f"{text!r} is neither a folder nor a Hub repo id ('owner/name'). Give the folder written by "
-            f"save_pretrained, or a repo written by push_to_hub."
-        )
-    return pull_pretrained(text, revision=revision, cache_dir=cache_dir, token=token, max_rank=max_rank)
+    return folder_or_pulled(
+        directory,
+        lambda repo: pull_pretrained(repo, revision=revision, cache_dir=cache_dir, token=token, max_rank=max_rank),
+        "Give the folder written by save_pretrained, or a repo written by push_to_hub.",
+    )
 
 
 def pull_pretrained(
