@@ -55,7 +55,8 @@ from moa.errors import (
     UnknownAdapterError,
     format_choices,
 )
-from moa.hub.pull import CARD_NAME, check_repo_id, folder_or_pulled
+from moa.hub.pull import CARD_NAME, check_repo_id
+from moa.hub.sources import folder_or_pulled
 from moa.hub.pretrained_index import (
     FOLDER_NAME,
     INDEX_FORMAT,

@@ -166,7 +166,7 @@ class MixtureModel(nn.Module):
         adapter type, every tensor's module and shape, the rank cap. On any error no
         adapter is added and the loaded ones are untouched.
         """
-        from moa.hub.pull import resolve_adapter_folder  # PEFT's habit: a Hub id works too
+        from moa.hub.sources import resolve_adapter_folder  # PEFT's habit: a Hub id works too
 
         self.bank.check_new_name(adapter_name)
         folder = resolve_adapter_folder(path_or_repo_id, revision, max_rank=self.max_rank)

@@ -77,7 +77,8 @@ def resolve_source(source: str, *, max_rank: int | None = None) -> Path:
     Raises:
         AdapterFormatError, HubError, RegistryError, IntegrityError...: as the pulls raise them.
     """
-    from moa.hub.pull import pull_registered, resolve_adapter_folder
+    from moa.hub.pull import pull_registered
+    from moa.hub.sources import resolve_adapter_folder
 
     path = Path(source).expanduser()
     if path.is_dir():

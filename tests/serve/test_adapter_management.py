@@ -209,7 +209,7 @@ def test_resolve_source_folder_registry_and_hub_revision(monkeypatch, tmp_path):
     assert (folder / "adapter_config.json").is_file()
     assert folder.resolve() == (shipped_adapters_dir() / "sql").resolve()
     calls = []
-    monkeypatch.setattr("moa.hub.pull.resolve_adapter_folder",
+    monkeypatch.setattr("moa.hub.sources.resolve_adapter_folder",
                         lambda repo, revision=None, max_rank=None: calls.append((repo, revision)) or tmp_path)
     adapter_cache.resolve_source("alice/sql-lora@v2")
     adapter_cache.resolve_source("alice/sql-lora")
