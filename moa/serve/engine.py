@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import itertools
 import logging
 import queue
 import threading
@@ -171,7 +170,6 @@ class Engine:
         self._stopping = False
         self._cancel_on_stop = False
         self._dead: BaseException | None = None
-        self._ids = itertools.count()
         self.steps = 0
 
     # -- lifecycle -------------------------------------------------------------------------
