@@ -37,6 +37,15 @@ from typing import Any
 import moa
 from moa.adapters.peft_format import CONFIG_NAME, MOA_METADATA_NAME, WEIGHTS_NAME
 from moa.errors import AdapterFormatError, HubError, IntegrityError, MoaError, RegistryError
+from moa.hub.download import (
+    cached_expectation,
+    check_cache_name,
+    download_files,
+    evict,
+    is_transient,
+    retry_attempts,
+    retrying,
+)
 from moa.hub.verify import (
     Limits,
     RemoteFile,
@@ -76,7 +85,10 @@ _WANTED = {"adapter": ADAPTER_FILES, "router": ROUTER_FILES, "mixture": MIXTURE_
            "pretrained": PRETRAINED_FILES}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
+#: What a failed push leaves behind, and the next step (a push is one commit).
+PUSH_NEXT_STEP = ("A push is one commit: the branch is still at its previous commit, or (if the Hub applied the "
+                  "commit before the connection broke) at the complete new one; pushing again is safe, as "
+                  "identical files make no new commit. ")
 
 
 @dataclass(frozen=True)
@@ -152,8 +164,10 @@ def hub_errors(repo_id: str, revision: str | None, action: str) -> Iterator[None
             f"online, or unset HF_HUB_OFFLINE. ({type(error).__name__}: {error})"
         ) from error
     except Exception as error:  # noqa: BLE001 - the client raises many types; all mean "Hub failed"
+        tried = f" (tried {retry_attempts()} times)" if is_transient(error) else ""
+        after = PUSH_NEXT_STEP if action == "push to" else "Nothing was cached. "
         raise HubError(
-            f"Could not {action} {where} on {endpoint()}: {type(error).__name__}: {error}. Check "
+            f"Could not {action} {where} on {endpoint()}{tried}: {type(error).__name__}: {error}. {after}Check "
             f"HF_ENDPOINT, your network and token, then retry."
         ) from error
 
@@ -166,10 +180,12 @@ def _answered(error: HubError) -> HubError:
 
 def _listing(repo_id: str, revision: str | None, token: str | None) -> tuple[str, list[RemoteFile]]:
     """The commit a revision resolves to, and every file the Hub lists there."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
+    api = HfApi(token=token)
     with hub_errors(repo_id, revision, "list"):
-        info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=True)
+        info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True,
+                                               timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), f"list {repo_id}")
     commit = str(info.sha or "")
     if not _HEX40.match(commit):
         raise HubError(f"The Hub answered commit id {commit!r} for {repo_id!r}; expected 40 hex digits.")
@@ -180,17 +196,6 @@ def _listing(repo_id: str, revision: str | None, token: str | None) -> tuple[str
         for s in info.siblings or []
     ]
     return commit, files
-
-
-def _evict(path: Path) -> None:
-    """Remove a cached file and, for an HF cache symlink, the blob it points to."""
-    with contextlib.suppress(OSError):
-        if path.is_symlink():
-            blob = path.resolve()
-            path.unlink()
-            blob.unlink()
-        else:
-            path.unlink()
 
 
 def _remember_ref(snapshot: Path, revision: str, commit: str) -> None:
@@ -207,16 +212,6 @@ def _remember_ref(snapshot: Path, revision: str, commit: str) -> None:
         return
     with contextlib.suppress(OSError):
         atomic_write_bytes(storage / "refs" / check_file_name(revision), commit.encode())
-
-
-def _cached_expectation(path: Path, name: str) -> RemoteFile | None:
-    """What the HF cache's content-addressed blob name says a cached file must hash to."""
-    if not path.is_symlink():
-        return None
-    key = path.resolve().name
-    if not _HEX.match(key):
-        return None
-    return RemoteFile(name, None, None if len(key) == 64 else key, key if len(key) == 64 else None)
 
 
 def fetch_verified(
@@ -271,7 +266,8 @@ def fetch_verified(
         listed = {f.path: f for f in check_listing(files, limits, source)}
         _check_required(kind, wanted, listed, source, pinned is not None)
         wanted = tuple(name for name in wanted if name in listed)
-    local = _download(repo_id, commit or revision, wanted, cache_dir, token, offline)
+    with hub_errors(repo_id, commit or revision, "download"):
+        local = download_files(repo_id, commit or revision, wanted, cache_dir, token, offline, source)
     if not local:
         raise HubError(
             f"None of {', '.join(wanted)} of {source} is in the local Hugging Face cache, and the Hub is not "
@@ -282,17 +278,19 @@ def fetch_verified(
         commit = _snapshot_root(*next(iter(local.items()))).name
     digests: dict[str, str] = {}
     for name, path in local.items():
-        expectation = listed.get(name) or _cached_expectation(path, name)
+        expectation = listed.get(name) or cached_expectation(path, name)
         try:
             if expectation is None:
                 logger.warning("%s: no listed hash for %r offline; only pins (if any) check it.", source, name)
                 digests[name] = sha256_file(path)
             else:
                 digests[name] = check_against_listing(path, expectation, source)
+            if name in listed:  # right content, but cached under the hash the Hub's ETag named?
+                check_cache_name(path, listed[name], source)
             if pinned is not None and digests[name] != pinned[name]:
                 verify_digests(_snapshot_root(name, path), {name: pinned[name]}, source)
         except IntegrityError:
-            _evict(path)
+            evict(path)
             raise
     folder = _snapshot_root(*next(iter(local.items())))
     if not offline and revision != commit:
@@ -328,28 +326,6 @@ def _check_required(kind: str, wanted: Sequence[str], present: Mapping[str, Any]
         f"{source} has no {', '.join(missing)}, so it is not a moa/PEFT {kind} repo. Files there: "
         f"{', '.join(sorted(present)[:12]) or '(none)'}. Check the repo id and revision."
     )
-
-
-def _download(
-    repo_id: str, revision: str | None, names: Sequence[str], cache_dir: Any, token: str | None, offline: bool
-) -> dict[str, Path]:
-    """Download (or find in the cache) each file; name -> local path. Missing ones are skipped offline."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub import errors as hf_errors
-
-    local: dict[str, Path] = {}
-    with hub_errors(repo_id, revision, "download"):
-        for name in names:
-            try:
-                path = hf_hub_download(
-                    repo_id, name, revision=revision, cache_dir=cache_dir, token=token, local_files_only=offline
-                )
-            except (hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError):
-                if not offline:
-                    raise
-                continue
-            local[name] = Path(path)
-    return local
 
 
 def _check_adapter_files(folder: Path, max_rank: int, source: str) -> None:

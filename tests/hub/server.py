@@ -8,6 +8,11 @@ download files (``/resolve`` with ``X-Repo-Commit``, ``ETag``, ``X-Linked-Etag``
 (:mod:`tests.hub.storage`), caps request bodies, and logs every request so tests can
 assert on the traffic.
 
+Tests plan faults with ``storage.add_fault(kind, method=..., path=..., times=...)``
+(:data:`tests.hub.storage.FAULT_KINDS`): error statuses, connection resets (before, after
+or in the middle of a response), bodies shorter than their Content-Length, hangs, and
+wrong sizes or hashes in the download headers or the file listing.
+
 Run it by hand with ``python -m tests.hub.server --port 8765`` and point a client at it
 with ``HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1``.
 """
@@ -15,16 +20,20 @@ with ``HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import re
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tests.hub.storage import Commit, FileEntry, HubStorage, StorageError
+from tests.hub.storage import Commit, Fault, FileEntry, HubStorage, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +74,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         self.segments = [unquote(s) for s in url.path.split("/")[1:]]
         self.storage.requests.append((method, url.path))
+        self._fault: Fault | None = None
         try:
             self._body = self._read_body()
+            self._fault = self.storage.take_fault(method, url.path)
+            if self._fault is not None and self._inject_before(self._fault):
+                return
             self._route(method, self.segments)
+            if self._fault is not None and self._fault.kind == "reset-after":
+                self._reset()
         except StorageError as error:
             self._error(error.status, error.message, error.code, error.commit)
         except (KeyError, ValueError, IndexError, json.JSONDecodeError) as error:
@@ -100,6 +115,46 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             raise StorageError(413, "Request body too large")
         return self.rfile.read(length) if length else b""
 
+    # -- faults (planned by tests through HubStorage.add_fault) ----------------------------
+
+    def _inject_before(self, fault: Fault) -> bool:
+        """Inject a fault that replaces the answer; ``True`` when nothing more may be sent."""
+        logger.info("hub-server: injecting %s on %s %s", fault.kind, self.command, self.path)
+        if fault.kind == "status":
+            self._error(fault.status, f"Injected fault: HTTP {fault.status}")
+            self.close_connection = True
+            return True
+        if fault.kind == "reset":
+            self._reset()
+            return True
+        if fault.kind == "hang":
+            self.storage.wake.wait(min(fault.seconds, 120.0))
+            self.close_connection = True
+            self.connection.close()
+            return True
+        return False
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST (what a crashed proxy or a cut network looks like)."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.connection.close()
+
+    def _send_broken_body(self, body: bytes) -> None:
+        """Send half of ``body`` after headers announcing all of it, then reset or close."""
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        time.sleep(0.2)  # let the client read the headers and the first bytes before the cut
+        if self._fault is not None and self._fault.kind == "reset-body":
+            self._reset()
+        else:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def _json_body(self) -> Any:
         return json.loads(self._body or b"{}")
 
@@ -111,7 +166,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if self._fault is not None and self._fault.kind in ("reset-body", "short-body") and body:
+            self._send_broken_body(body)
+        else:
             self.wfile.write(body)
 
     def _json(self, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
@@ -213,6 +272,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         blobs = self.query.get("blobs") in _TRUE
         siblings = []
         for entry in sorted(commit.files.values(), key=lambda e: e.path):
+            entry = self._listed(entry)
             sibling: dict[str, Any] = {"rfilename": entry.path}
             if blobs:
                 sibling.update(size=entry.size, blobId=entry.blob_id)
@@ -242,11 +302,22 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             for depth in range(1, len(parts) if recursive else min(2, len(parts))):
                 folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
-                items.append(_tree_file(entry, commit))
+                items.append(_tree_file(self._listed(entry), commit))
         if path and not items and not folders:
             raise StorageError(404, f"{path} does not exist at {revision}", "EntryNotFound", commit.sha)
         items += [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)]
         self._json(items)
+
+    def _listed(self, entry: FileEntry) -> FileEntry:
+        """``entry`` as the listing shows it: changed by a ``wrong-listing-*`` fault."""
+        fault = self._fault
+        if fault is None or not fault.kind.startswith("wrong-listing") or fault.file not in (None, entry.path):
+            return entry
+        if fault.kind == "wrong-listing-size":
+            return dataclasses.replace(entry, size=entry.size + 7)
+        if entry.lfs_sha256:
+            return dataclasses.replace(entry, lfs_sha256=_other_hash(entry.lfs_sha256))
+        return dataclasses.replace(entry, blob_id=_other_hash(entry.blob_id))
 
     def _refs(self, repo_id: str) -> None:
         repo = self.storage.repo(repo_id)
@@ -296,6 +367,14 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         status, match = 200, re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if match and int(match.group(1)) < len(data):
             status, data = 206, data[int(match.group(1)):]
+        kind = self._fault.kind if self._fault is not None else None
+        if kind == "wrong-etag":
+            key = "X-Linked-Etag" if entry.lfs_sha256 else "ETag"
+            headers[key] = f'"{_other_hash(entry.etag)}"'
+        if kind == "wrong-size" and entry.lfs_sha256:
+            headers["X-Linked-Size"] = str(entry.size + 7)
+        elif kind == "wrong-size" and self.command == "HEAD":
+            data += b"\0" * 7  # HEAD sends no body: only the Content-Length it announces is wrong
         self._send(status, data, headers, content_type="application/octet-stream")
 
     # -- LFS -------------------------------------------------------------------------------
@@ -353,6 +432,11 @@ def _tree_file(entry: FileEntry, commit: Commit) -> dict[str, Any]:
     return item
 
 
+def _other_hash(value: str) -> str:
+    """A hash of the same length as ``value`` that differs from it (what a wrong listing shows)."""
+    return hashlib.sha256(value.encode()).hexdigest()[: len(value)]
+
+
 def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(timestamp))
 
@@ -388,8 +472,9 @@ class HubServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
+        """Stop serving and close the socket (idempotent); ends every injected hang."""
         self._deadline.cancel()
+        self.storage.clear_faults()
         if self._thread.is_alive():
             self.shutdown()
             self._thread.join(timeout=10)

@@ -4,13 +4,15 @@ It models what the Hugging Face Hub keeps per model repo: commits (each a full f
 table), branches and tags pointing at commits, and content-addressed blobs (regular
 files by their git blob sha1, LFS files by their sha256). Test helpers can break it on
 purpose: :meth:`HubStorage.tamper` serves other bytes under a file's recorded hashes,
-:meth:`HubStorage.inject_file` commits a raw path without any validation.
+:meth:`HubStorage.inject_file` commits a raw path without any validation, and
+:meth:`HubStorage.add_fault` plans HTTP faults (see :class:`Fault`) that the server injects.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import threading
 import time
 from collections import deque
@@ -20,6 +22,49 @@ LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsiz
 LFS_PATTERNS = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".gguf", ".h5", ".zip")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub sends files >= 10 MB through LFS
 MAX_STORED_BYTES = 512 * 1024 * 1024  # the test server refuses to hold more than this
+
+
+#: What a :class:`Fault` does to a matching request (the server reads the request body first).
+FAULT_KINDS = {
+    "status": "answer HTTP ``status`` (e.g. 500, 503) with an error body instead of serving",
+    "reset": "answer nothing and reset the connection (TCP RST)",
+    "reset-after": "process the request (e.g. apply a commit), then reset instead of answering",
+    "reset-body": "send the headers and half the body, then reset the connection",
+    "short-body": "send the headers and half the body, then close: fewer bytes than Content-Length",
+    "hang": "answer nothing for ``seconds``, then close the connection",
+    "wrong-size": "advertise a wrong size (X-Linked-Size for LFS files, else Content-Length on HEAD)",
+    "wrong-etag": "advertise a wrong ETag / X-Linked-Etag (a hash the content does not have)",
+    "wrong-listing-hash": "list ``file`` with a wrong sha256 (LFS) or git blob id in model info / tree",
+    "wrong-listing-size": "list ``file`` with a wrong size in model info / tree",
+}
+
+
+@dataclass
+class Fault:
+    """A planned fault: the next ``times`` requests matching ``method`` and ``path`` get ``kind``.
+
+    Attributes:
+        kind: One of :data:`FAULT_KINDS`.
+        method: HTTP method to match (``None``: any).
+        path: Regular expression searched in the URL path (``""``: any path).
+        times: How many matching requests it still hits (then it is spent).
+        status: HTTP status of a ``"status"`` fault.
+        seconds: How long a ``"hang"`` lasts (the server never hangs longer than this).
+        file: Repo file whose listing entry a ``"wrong-listing-*"`` fault changes (``None``: every file).
+        hits: How many requests it hit so far.
+    """
+
+    kind: str
+    method: str | None = None
+    path: str = ""
+    times: int = 1
+    status: int = 500
+    seconds: float = 5.0
+    file: str | None = None
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.times > 0 and self.method in (None, method) and re.search(self.path, path) is not None
 
 
 class StorageError(Exception):
@@ -104,6 +149,9 @@ class HubStorage:
         self.upload_mode = upload_mode
         self.multipart_chunk = multipart_chunk
         self.requests: deque[tuple[str, str]] = deque(maxlen=20_000)
+        self.faults: list[Fault] = []
+        self.fault_log: list[tuple[str, str, str]] = []  # (kind, method, path) of every injected fault
+        self.wake = threading.Event()  # set to end every hang at once (reset, server stop)
         self._counter = 0
 
     # -- repos and refs --------------------------------------------------------------------
@@ -115,6 +163,7 @@ class HubStorage:
             self.blobs.clear()
             self.parts.clear()
             self.requests.clear()
+            self.clear_faults()
             self.upload_mode = upload_mode
 
     def create_repo(self, repo_id: str, private: bool = False) -> Repo:
@@ -243,6 +292,39 @@ class HubStorage:
             sha = self._new_commit(repo, head.sha, f"inject {path}", {**head.files, path: entry})
             repo.branches[revision] = sha
             return sha
+
+    def add_fault(self, kind: str, *, method: str | None = None, path: str = "", times: int = 1,
+                  **options: object) -> Fault:
+        """Plan a fault for the next ``times`` requests matching ``method`` and ``path`` (a regex).
+
+        Faults are tried in the order they were added; each request takes at most one.
+        ``options`` are :class:`Fault` fields (``status``, ``seconds``, ``file``).
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"Unknown fault kind {kind!r}; choose one of {', '.join(sorted(FAULT_KINDS))}.")
+        fault = Fault(kind, method, path, times, **options)  # type: ignore[arg-type]
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        """The first planned fault matching this request (one of its ``times`` used up), or ``None``."""
+        with self.lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.times -= 1
+                    fault.hits += 1
+                    self.fault_log.append((fault.kind, method, path))
+                    return fault
+        return None
+
+    def clear_faults(self) -> None:
+        """Drop every planned fault and end the hangs in progress."""
+        with self.lock:
+            self.faults.clear()
+            self.fault_log.clear()
+            self.wake.set()
+            self.wake = threading.Event()
 
     # -- internals -------------------------------------------------------------------------
 
