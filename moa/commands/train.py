@@ -1,4 +1,7 @@
-"""Training sub-commands: ``train-adapter`` (SFT, LoRA/QLoRA, DDP-ready) and ``train-router``."""
+"""Training sub-commands on ``transformers.Trainer``: ``train-adapter`` (SFT, LoRA/QLoRA) and ``train-router``.
+
+Both run unchanged under ``accelerate launch`` (DDP; FSDP / DeepSpeed configs in ``examples/``).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,42 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _projections(value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    from moa.train.sft import ALL_PROJECTIONS
+
+    if not value:
+        return default
+    return ALL_PROJECTIONS if value == "all-linear" else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _resume(value: str | None) -> bool | str:
+    return False if value is None else (True if value == "latest" else value)
+
+
+def _trainer_options(args: argparse.Namespace) -> dict[str, object]:
+    """The Trainer settings shared by both commands (a paged optimizer without CUDA exits here)."""
+    from moa.train.trainer import check_optimizer
+
+    try:
+        check_optimizer(args.optim)
+    except ValueError as error:
+        raise SystemExit(f"moa {args.command}: error: {error}") from None
+    return {"gradient_accumulation_steps": args.gradient_accumulation_steps, "optim": args.optim,
+            "save_steps": args.save_steps, "report_to": args.report_to}
+
+
+def _add_trainer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="micro-batches per optimizer step (loss normalized over all their answer tokens)")
+    p.add_argument("--optim", default="adamw_torch",
+                   help="Trainer optimizer: adamw_torch, adamw_bnb_8bit; on CUDA paged_adamw_8bit / paged_adamw_32bit")
+    p.add_argument("--save-steps", type=int, default=0, help="write a checkpoint every N steps (0 = none)")
+    p.add_argument("--checkpoint-dir", help="checkpoint folder (train-adapter's default: <out>-checkpoints)")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue from the newest checkpoint in --checkpoint-dir (or from the given checkpoint)")
+    p.add_argument("--report-to", default="none", help="'none' or 'tensorboard' (runs/ in the checkpoint folder)")
+
+
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     """SFT one adapter on a built-in domain (or a JSONL file) and save it with its metrics."""
     import dataclasses
@@ -28,12 +67,15 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     _threads(args)
     if not args.domain and not args.train_file:
         raise SystemExit("moa train-adapter: give --domain NAME or --train-file FILE.jsonl")
+    options = _trainer_options(args)
     domain = args.domain or "custom"
     recipe = dataclasses.replace(
         DEMO_RECIPE,
         rank=args.rank or DEMO_RECIPE.rank,
         alpha=args.alpha or 2.0 * (args.rank or DEMO_RECIPE.rank),
         first_layer=DEMO_RECIPE.first_layer if args.first_layer is None else args.first_layer,
+        projections=_projections(args.projections, DEMO_RECIPE.projections),
+        dropout=DEMO_RECIPE.dropout if args.dropout is None else args.dropout,
         batch_size=args.batch_size or DEMO_RECIPE.batch_size,
         lr=args.lr or DEMO_RECIPE.lr,
         seed=args.seed,
@@ -47,13 +89,16 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     out = Path(args.out or f"adapters/{domain}")
     result = train_domain_adapter(model, domain, out, recipe=recipe, steps=args.steps, train_examples=train,
                                   dev_examples=dev, gradient_checkpointing=args.gradient_checkpointing,
-                                  dev_limit=args.dev_limit)
+                                  dev_limit=args.dev_limit, config_overrides=options,
+                                  checkpoint_dir=args.checkpoint_dir, resume=_resume(args.resume),
+                                  progress=not args.quiet)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         m = result.metrics
         dev_text = f", dev accuracy {100 * m['dev_accuracy']:.1f} %" if "dev_accuracy" in m else ""
-        print(f"saved {out}: {m['steps']} steps x {m['global_batch']} examples in {m['train_seconds']:.0f} s "
+        print(f"saved {out}: {m['steps']} steps x {m['global_batch']} examples "
+              f"({m['trainable_parameters']:,d} trainable parameters) in {m['train_seconds']:.0f} s "
               f"({m['seconds_per_step']:.2f} s/step), final loss {m['final_loss']:.4f}{dev_text}")
     return 0
 
@@ -67,6 +112,7 @@ def cmd_train_router(args: argparse.Namespace) -> int:
     from moa.train.router import train_router
 
     _threads(args)
+    options = _trainer_options(args)
     adapters_dir = Path(args.adapters) if args.adapters else shipped_adapters_dir()
     model = moa.MixtureModel.from_pretrained(args.base, quantization=_quant(args.quantization))
     names = load_adapters(model, adapters_dir)
@@ -77,7 +123,9 @@ def cmd_train_router(args: argparse.Namespace) -> int:
         model, train, domains,
         hidden_layer=DEFAULT_HIDDEN_LAYER if args.hidden_layer is None else args.hidden_layer,
         mode=args.mode, level=args.level, dev_examples=dev, top_k=args.top_k, temperature=args.temperature,
-        lm_steps=args.lm_steps, seed=args.seed,
+        lm_steps=args.lm_steps, seed=args.seed, progress=not args.quiet,
+        lm_options={**options, "batch_size": args.lm_batch_size, "lr": args.lm_lr,
+                    "checkpoint_dir": args.checkpoint_dir, "resume": _resume(args.resume)},
     )
     out = Path(args.out) if args.out else router_dir(adapters_dir)
     gate.save(out)
@@ -93,8 +141,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="SFT a LoRA adapter (QLoRA on the NF4 base or fp32), loss on the answer only",
         description=(
             "Trains one LoRA adapter on a built-in domain (or a JSONL file of prompt/answer lines) with "
-            "the chat template, loss on the answer tokens only, AdamW with warm-up and cosine decay, and "
-            "saves a PEFT folder plus train_metrics.json. Runs unchanged under 'accelerate launch' (DDP)."
+            "transformers' Trainer: the chat template, loss on the answer tokens only, warm-up and cosine "
+            "decay, gradient accumulation, checkpoints and --resume, and saves a PEFT folder plus "
+            "train_metrics.json. Runs unchanged under 'accelerate launch' (DDP, FSDP, DeepSpeed)."
         ),
     )
     p.add_argument("--domain", help="built-in domain: sql, arithmetic, icd, french, code")
@@ -103,6 +152,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default: the demo recipe's)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument("--projections", help="'all-linear' or a comma list, e.g. q_proj,v_proj "
+                   "(default: q,k,v,o,up,down)")
     p.add_argument("--first-layer", type=int, help="first decoder layer carrying the adapter (default: the gate's)")
     p.add_argument("--batch-size", type=int, help="examples per step per process (default 8)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
@@ -113,6 +165,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dev-limit", type=int, default=64, help="dev examples generated for the dev accuracy")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", help="output folder (default adapters/<domain>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trainer_flags(p)
     p.set_defaults(func=cmd_train_adapter)
 
     r = sub.add_parser(
@@ -136,5 +190,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
     r.add_argument("--base", default="default")
     r.add_argument("--threads", type=int)
+    r.add_argument("--lm-batch-size", type=int, default=8, help="examples per micro-batch (--mode lm)")
+    r.add_argument("--lm-lr", type=float, default=1e-3, help="learning rate (--mode lm)")
     r.add_argument("--out", help="output folder (default <adapters>/router)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trainer_flags(r)
     r.set_defaults(func=cmd_train_router)

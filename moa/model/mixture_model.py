@@ -279,7 +279,9 @@ class MixtureModel(nn.Module):
         logger.info(message)
         print(message)  # noqa: T201 - PEFT's method prints; users call it for this output
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
         """Recompute the base's decoder layers in the backward pass (non-reentrant), as
         transformers' method of the same name (``Trainer(gradient_checkpointing=True)`` calls it).
 
@@ -296,14 +298,23 @@ class MixtureModel(nn.Module):
         kwargs.setdefault("context_fn", checkpoint_contexts)
         base = self.base_model
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> None:
+        """transformers >= 5.2x's name of :meth:`gradient_checkpointing_enable` (what its Trainer calls,
+        with ``every_n_layers`` / ``offload`` in ``options``)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **options)
 
     def gradient_checkpointing_disable(self) -> None:
         """Turn :meth:`gradient_checkpointing_enable` off."""
         base = self.base_model
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
 
     # -- merging (moa.merge) ---------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,10 @@ def train_domain_adapter(
     progress: bool = True,
     adapter_name: str | None = None,
     dev_limit: int = 64,
+    config_overrides: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool | str = False,
+    callbacks: Sequence[Any] = (),
 ) -> SFTResult:
     """Add a fresh adapter for ``domain`` to ``model`` and train it with ``recipe``.
 
@@ -108,6 +112,11 @@ def train_domain_adapter(
         progress: Progress bar.
         adapter_name: Name in the model (default: the domain).
         dev_limit: Dev examples generated for the saved dev accuracy.
+        config_overrides: :class:`~moa.train.sft.SFTConfig` fields to change (``optim``,
+            ``gradient_accumulation_steps``, ``save_steps``, ``report_to``...).
+        checkpoint_dir: Trainer's checkpoint folder (default ``<output_dir>-checkpoints``).
+        resume: Continue from the newest checkpoint (``True``) or from this one (a path).
+        callbacks: Extra ``transformers.TrainerCallback`` objects.
     """
     if train_examples is None or dev_examples is None:
         from moa.data import load_split
@@ -119,10 +128,12 @@ def train_domain_adapter(
                          projections=recipe.projections, dropout=recipe.dropout, seed=recipe.seed)
     config = SFTConfig(steps=steps or recipe.steps_for(domain), batch_size=recipe.batch_size, lr=recipe.lr,
                        seed=recipe.seed, gradient_checkpointing=gradient_checkpointing, dev_limit=dev_limit)
+    config = dataclasses.replace(config, **dict(config_overrides or {}))
     extra = {"domain": domain, "recipe": dataclasses.asdict(recipe),
              "quantization": _quantization_of(model), "base_fingerprint": model.base_fingerprint}
     return train_adapter(model, name, train_examples, config, dev_examples=dev_examples, output_dir=output_dir,
-                         accelerator=accelerator, progress=progress, extra_metrics=extra)
+                         accelerator=accelerator, progress=progress, extra_metrics=extra,
+                         checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
 
 
 def _quantization_of(model: Any) -> str | None:

@@ -6,7 +6,14 @@
 * **lm** (end to end): the adapters stay frozen; every step runs the mixture with the
   gate's *soft* weights over all adapters (top-k would cut the gradient of a top-1 gate)
   and back-propagates the answer tokens' LM loss into the gate through
-  ``RoutingDecision.weights``.
+  ``RoutingDecision.weights``. It runs on ``transformers.Trainer``
+  (:class:`moa.train.trainer.MixtureTrainer`): gradient accumulation, ``optim``,
+  checkpoints and resuming, logging, ``accelerate launch``.
+
+The labels mode stays a ten-line loop on purpose: its input is an in-memory ``[N, H]``
+tensor of cached features and a full epoch takes milliseconds, so Trainer would add a
+dataloader, an accelerator and checkpoint machinery and nothing it needs (no LM, no
+distributed data, nothing worth resuming).
 
 The features are computed exactly as the in-pass router sees them: chat template, left
 padding, positions counted over real tokens, no adapter, mean over the prompt's mask.
@@ -15,6 +22,8 @@ padding, positions counted over real tokens, no adapter, mean over the prompt's 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -147,6 +156,42 @@ def gate_accuracy(gate: LearnedGate, features: torch.Tensor, labels: torch.Tenso
         return float((gate.logits(features).argmax(-1) == labels.long()).float().mean())
 
 
+class GateObjective(torch.nn.Module):
+    """The frozen mixture's LM loss as a function of the gate: the module Trainer trains.
+
+    Only the gate is a submodule (so Trainer, DDP and the checkpoints see its parameters
+    alone); the MixtureModel is held as a plain attribute and stays frozen and in its mode.
+    ``rows`` index the cached gate features of the batch's examples.
+    """
+
+    accepts_loss_kwargs = True  # Trainer passes num_items_in_batch: exact gradient accumulation
+
+    def __init__(self, model: Any, gate: LearnedGate, features: torch.Tensor):
+        super().__init__()
+        self.gate = gate
+        self.__dict__["mixture"] = model  # not registered: not trained, saved or wrapped
+        self.features = features
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                rows: torch.Tensor, num_items_in_batch: Any = None) -> Any:
+        """The mixture's output (with ``loss``) under the gate's soft weights over all its adapters."""
+        model = self.mixture
+        decision = self.gate.decision_from_features(self.features[rows.cpu()].to(model.device), model.adapter_names,
+                                                    top_k=len(self.gate.gate_adapters))
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
+                     routing_decision=decision, adapters_from_layer=self.gate.hidden_layer, **extra)
+
+
+def _gate_order(n_examples: int, batches: int, batch_size: int, seed: int) -> list[int]:
+    """The hand-written loop's order: each batch is the head of a fresh permutation."""
+    generator = torch.Generator().manual_seed(int(seed))
+    order: list[int] = []
+    for _ in range(batches):
+        order.extend(torch.randperm(n_examples, generator=generator)[:batch_size].tolist())
+    return order
+
+
 def train_gate_lm(
     model: Any,
     gate: LearnedGate,
@@ -157,17 +202,28 @@ def train_gate_lm(
     seed: int = 0,
     max_length: int = 1024,
     progress: bool = True,
+    gradient_accumulation_steps: int = 1,
+    optim: str = "adamw_torch",
+    report_to: str = "none",
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_steps: int = 0,
+    resume: bool | str = False,
 ) -> dict[str, Any]:
-    """Train the gate end to end through the LM loss of the frozen adapters' mixture.
+    """Train the gate end to end through the LM loss of the frozen adapters' mixture (on Trainer).
 
     Each step: features of the prompts (cached partial pass, no gradient: they do not
     depend on the gate), soft weights over all of the gate's adapters, a forward of
     prompt + answer with those weights pinned from layer ``hidden_layer`` on, and the
-    answer tokens' loss back-propagated into the gate's head only.
+    answer tokens' loss back-propagated into the gate's head only. Trainer brings gradient
+    accumulation, ``optim``, checkpoints (the gate's tensors) and ``resume``, logging and
+    ``accelerate launch``; the LR is constant, AdamW's weight decay 0.01, no clipping, as
+    in the loop this replaces.
 
     Returns:
         Metrics: the loss curve, weight change, seconds.
     """
+    from moa.train.trainer import MixtureTrainer, OrderedDataset, last_checkpoint, report_trainable, training_arguments
+
     tokenizer = model.tokenizer
     ensure_pad_token(tokenizer)
     own = {id(p) for p in gate.parameters()}  # the gate may be the model's router (a submodule)
@@ -179,31 +235,39 @@ def train_gate_lm(
     if gate.head.feature_std.eq(1).all():
         gate.head.set_normalization(features)
     encoded = [encode_sft_example(tokenizer, e.prompt, e.answer, max_length) for e in examples]
-    optimizer = torch.optim.AdamW(gate.head.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
+    items = [{"input_ids": ids, "labels": labels, "rows": i} for i, (ids, labels) in enumerate(encoded)]
+    objective = GateObjective(model, gate, features)
+    report_trainable(objective, "gate (LM loss)")
     before = [p.detach().clone() for p in gate.head.parameters()]
-    losses: list[float] = []
-    start = time.perf_counter()
-    gate.train()
-    for _step in (bar := tqdm(range(steps), desc="gate (LM loss)", disable=not progress)):
-        idx = torch.randperm(len(examples), generator=generator)[:batch_size].tolist()
-        batch = pad_batch([encoded[i][0] for i in idx], tokenizer.pad_token_id, labels=[encoded[i][1] for i in idx])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        decision = gate.decision_from_features(features[idx].to(model.device), model.adapter_names,
-                                               top_k=len(gate.gate_adapters))
-        out = model(**batch, use_cache=False, routing_decision=decision, adapters_from_layer=gate.hidden_layer)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        losses.append(float(out.loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    per_batch = min(batch_size, len(examples))
+    with tempfile.TemporaryDirectory(prefix="moa-gate-") as scratch:
+        args = training_arguments(checkpoint_dir or scratch, steps=steps, batch_size=per_batch, lr=lr, seed=seed,
+                                  gradient_accumulation_steps=gradient_accumulation_steps, weight_decay=1e-2,
+                                  max_grad_norm=0.0, optim=optim, save_steps=save_steps, report_to=report_to,
+                                  progress=progress)
+        order = _gate_order(len(examples), steps * gradient_accumulation_steps * args.world_size, per_batch, seed)
+        trainer = MixtureTrainer(model=objective, args=args, train_dataset=OrderedDataset(items, order),
+                                 data_collator=_gate_collator(tokenizer.pad_token_id), lr_lambda=lambda _step: 1.0)
+        start_from = (last_checkpoint(args.output_dir) if resume is True else str(resume)) if resume else None
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=start_from)
+        seconds = time.perf_counter() - start
     gate.eval()
     for p in frozen:
         p.requires_grad_(True)
+    losses = trainer.step_losses
     change = sum(float((p.detach() - b).abs().sum()) for p, b in zip(gate.head.parameters(), before, strict=True))
-    return {"mode": "lm", "steps": steps, "loss_curve": [round(x, 5) for x in losses],
-            "final_loss": losses[-1] if losses else None, "weight_change_l1": change,
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {"mode": "lm", "steps": steps, "trainer": "transformers.Trainer", "loss_curve": [round(x, 5) for x in losses],
+            "final_loss": losses[-1] if losses else None, "weight_change_l1": change, "seconds": round(seconds, 2)}
+
+
+def _gate_collator(pad_id: int) -> Any:
+    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = pad_batch([r["input_ids"] for r in rows], pad_id, labels=[r["labels"] for r in rows])
+        batch["rows"] = torch.tensor([r["rows"] for r in rows], dtype=torch.long)
+        return batch
+
+    return collate
 
 
 def labels_for(examples: Sequence[Any], adapter_names: Sequence[str]) -> torch.Tensor:
@@ -226,11 +290,14 @@ def train_router(
     seed: int = 0,
     lm_steps: int = 30,
     progress: bool = True,
+    lm_options: dict[str, Any] | None = None,
 ) -> tuple[LearnedGate, dict[str, Any]]:
     """Build and train a :class:`LearnedGate` for ``model``'s domain adapters.
 
     ``mode="labels"`` trains on the examples' domains; ``mode="lm"`` first does that
-    (a good start) and then trains end to end through the LM loss.
+    (a good start) and then trains end to end through the LM loss (:func:`train_gate_lm`,
+    on Trainer; ``lm_options`` are its keyword arguments: ``batch_size``, ``lr``,
+    ``gradient_accumulation_steps``, ``optim``, ``checkpoint_dir``, ``save_steps``, ``resume``...).
 
     Returns:
         The trained gate (in eval mode) and its metrics.
@@ -256,7 +323,8 @@ def train_router(
     metrics = train_gate_on_labels(gate, features, labels, seed=seed, dev=dev)
     metrics["feature_seconds"] = round(feature_seconds, 2)
     if mode == "lm":
-        metrics["lm"] = train_gate_lm(model, gate, train, steps=lm_steps, seed=seed, progress=progress)
+        metrics["lm"] = train_gate_lm(model, gate, train, steps=lm_steps, seed=seed, progress=progress,
+                                      **(lm_options or {}))
         if dev is not None:
             metrics["dev_accuracy_after_lm"] = gate_accuracy(gate, *dev)
     elif mode != "labels":

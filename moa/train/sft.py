@@ -1,9 +1,12 @@
-"""Adapter SFT: LoRA on a dense base, or QLoRA on the NF4 base, loss on the answer only.
+"""Adapter SFT on ``transformers.Trainer``: LoRA on a dense base, or QLoRA on the NF4 base.
 
-One loop serves a single process and ``accelerate launch`` (DDP, gloo on CPU) alike:
-the model and optimizer go through :class:`accelerate.Accelerator`, every rank takes its
-own slice of each global batch, gradients are averaged by DDP, and rank 0 saves. Only
-the adapter being trained has ``requires_grad``; AdamW sees only its parameters.
+The loss is on the answer only (the chat template of :func:`moa.data.chat.encode_sft_example`);
+only the adapter being trained has ``requires_grad``. :class:`moa.train.trainer.MixtureTrainer`
+brings Trainer's gradient accumulation, checkpoints (adapter tensors + optimizer, scheduler and
+RNG state) and resuming, ``optim`` (``adamw_torch``, ``adamw_bnb_8bit``, paged AdamW on CUDA),
+gradient checkpointing of the base, tqdm / TensorBoard logging, and ``accelerate launch``
+(DDP, FSDP, DeepSpeed) with every rank on its own slice of each global batch. Rank 0 saves
+the adapter as a PEFT folder with ``train_metrics.json``.
 
 Example::
 
@@ -21,16 +24,25 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from moa.atomic import atomic_write_bytes
 from moa.data.chat import encode_sft_example, ensure_pad_token, pad_batch
+from moa.train.trainer import (
+    MixtureTrainer,
+    OrderedDataset,
+    last_checkpoint,
+    report_trainable,
+    trainable_state,
+    training_arguments,
+    unrolled_order,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +64,8 @@ class SFTConfig:
 
     Attributes:
         steps: Optimizer steps.
-        batch_size: Examples per step *per process*.
-        lr: Peak learning rate (AdamW).
+        batch_size: Examples per micro-batch *per process*.
+        lr: Peak learning rate.
         warmup_steps: Linear warm-up, then cosine decay to ``min_lr_ratio * lr``.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         weight_decay: AdamW weight decay.
@@ -63,6 +75,15 @@ class SFTConfig:
         seed: Seeds the adapter's initialisation and the data order.
         dev_limit: Dev examples generated for the accuracy in the metrics (0 = skip).
         save_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` for the saved weights.
+        gradient_accumulation_steps: Micro-batches per optimizer step (the global batch is
+            ``batch_size * gradient_accumulation_steps * processes``; the loss is the mean over
+            all of its answer tokens, so 4 x 2 trains exactly as 1 x 8).
+        optim: Trainer's optimizer name: ``adamw_torch``, ``adamw_bnb_8bit``, and on CUDA
+            ``paged_adamw_8bit`` / ``paged_adamw_32bit`` (QLoRA's).
+        save_steps: Write a checkpoint every this many steps (0 = none).
+        save_total_limit: Keep at most this many checkpoints (``None`` = all).
+        logging_steps: Log the loss every this many steps.
+        report_to: ``"none"``, ``"tensorboard"`` (or any of Trainer's integrations, comma-separated).
     """
 
     steps: int = 100
@@ -77,6 +98,12 @@ class SFTConfig:
     seed: int = 0
     dev_limit: int = 64
     save_dtype: str = "float16"
+    gradient_accumulation_steps: int = 1
+    optim: str = "adamw_torch"
+    save_steps: int = 0
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    report_to: str = "none"
 
 
 @dataclasses.dataclass
@@ -163,8 +190,25 @@ def weights_digest(params: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _unwrap(model: Any) -> Any:
-    return model.module if hasattr(model, "module") and not hasattr(model, "adapter_layers") else model
+def _collator(pad_id: int) -> Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]:
+    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        return pad_batch([r["input_ids"] for r in rows], pad_id, labels=[r["labels"] for r in rows])
+
+    return collate
+
+
+def checkpoint_folder(output_dir: str | os.PathLike) -> Path:
+    """Where a run saving to ``output_dir`` keeps its checkpoints: ``<output_dir>-checkpoints``.
+
+    Beside the adapter folder, not in it: the adapter is saved by replacing its folder.
+    """
+    out = Path(output_dir)
+    return out.parent / f"{out.name}-checkpoints"
+
+
+def _tokens_of_rank(lengths: Sequence[int], order: Sequence[int], batch_size: int, world: int, rank: int) -> int:
+    """Tokens this rank reads: accelerate gives rank ``r`` batches ``r, r + world, ...``."""
+    return sum(lengths[i] for pos, i in enumerate(order) if (pos // batch_size) % world == rank)
 
 
 def train_adapter(
@@ -177,8 +221,11 @@ def train_adapter(
     accelerator: Any = None,
     progress: bool = True,
     extra_metrics: dict[str, Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    callbacks: Sequence[Any] = (),
 ) -> SFTResult:
-    """Train ``adapter_name`` (already added to ``model``) on prompt -> answer pairs.
+    """Train ``adapter_name`` (already added to ``model``) on prompt -> answer pairs with Trainer.
 
     Args:
         model: A :class:`moa.MixtureModel` holding the adapter (dense or NF4 base).
@@ -187,98 +234,104 @@ def train_adapter(
         config: Hyper-parameters (defaults: :class:`SFTConfig`).
         dev_examples: Optional examples (``moa.data.Example``) for a dev accuracy.
         output_dir: Where rank 0 saves the PEFT adapter and ``train_metrics.json``.
-        accelerator: An ``accelerate.Accelerator`` (one is made if ``None``).
-        progress: Show a tqdm bar with the loss (rank 0 only).
+        accelerator: Ignored (Trainer makes its own); kept for old callers.
+        progress: Show Trainer's tqdm bar (rank 0 only).
         extra_metrics: Merged into the saved metrics (domain, base, ...).
+        checkpoint_dir: Trainer's output folder: checkpoints (``checkpoint-N``) and TensorBoard
+            runs (default :func:`checkpoint_folder` of ``output_dir``, else a temporary folder).
+        resume: ``True``: continue from the newest checkpoint in ``checkpoint_dir`` (a fresh
+            start if there is none); a path: from that checkpoint.
+        callbacks: Extra ``transformers.TrainerCallback`` objects.
 
     Returns:
         The metrics and the output folder.
     """
-    from accelerate import Accelerator
-
     config = config or SFTConfig()
     if not train_examples:
         raise ValueError("train_adapter needs at least one training example.")
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator is not None:
+        logger.warning("train_adapter: the accelerator argument is ignored (transformers.Trainer makes its own).")
     tokenizer = model.tokenizer
     ensure_pad_token(tokenizer)
     encoded = [encode_sft_example(tokenizer, e.prompt, e.answer, config.max_length) for e in train_examples]
     params = adapter_parameters(model, adapter_name)
     for p in params:
         p.requires_grad_(True)
-    trainable = sum(p.numel() for p in params)
+    trainable, _ = report_trainable(model, f"adapter {adapter_name!r}")
+    with tempfile.TemporaryDirectory(prefix="moa-train-") as scratch:
+        folder = Path(checkpoint_dir or (checkpoint_folder(output_dir) if output_dir is not None else scratch))
+        args = training_arguments(
+            folder, steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm, optim=config.optim, save_steps=config.save_steps,
+            save_total_limit=config.save_total_limit, logging_steps=config.logging_steps,
+            report_to=config.report_to, gradient_checkpointing=config.gradient_checkpointing, progress=progress)
+        world, rank = args.world_size, args.process_index
+        order = unrolled_order(len(encoded), config.steps * config.gradient_accumulation_steps
+                               * config.batch_size * world, config.seed)
+        items = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
+        trainer = MixtureTrainer(
+            model=model, args=args, train_dataset=OrderedDataset(items, order),
+            data_collator=_collator(tokenizer.pad_token_id), lr_lambda=lr_lambda(config),
+            forward_kwargs=lambda batch: {"adapter_names": [adapter_name] * len(batch["input_ids"]),
+                                          "use_cache": False},
+            save_hook=lambda path: model.save_adapter(adapter_name, path), callbacks=list(callbacks))
+        start_from = (last_checkpoint(folder) if resume is True else str(resume)) if resume else None
+        if resume and start_from is None:
+            logger.warning("No checkpoint in %s: training from the start.", folder)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=start_from)
+        seconds = time.perf_counter() - start
+        losses = list(trainer.step_losses)
+        digests = _rank_digests(trainer, model, params)
+    model.eval()
     if config.gradient_checkpointing:
-        set_gradient_checkpointing(model, True)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    model.train()
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    generator = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    tokens_seen = 0
-    bar = tqdm(range(config.steps), desc=f"sft {adapter_name}", unit="step",
-               disable=not (progress and accelerator.is_main_process))
-    start = time.perf_counter()
-    for _step in bar:
-        need = config.batch_size * world
-        while len(order) < need:
-            order.extend(torch.randperm(len(encoded), generator=generator).tolist())
-        global_batch, order = order[:need], order[need:]
-        mine = global_batch[rank * config.batch_size : (rank + 1) * config.batch_size]
-        batch = pad_batch([encoded[i][0] for i in mine], tokenizer.pad_token_id,
-                          labels=[encoded[i][1] for i in mine])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        out = wrapped(**batch, adapter_names=[adapter_name] * len(mine), use_cache=False)
-        accelerator.backward(out.loss)
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(accelerator.reduce(out.loss.detach(), reduction="mean"))
-        losses.append(loss)
-        tokens_seen += int(batch["attention_mask"].sum())
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    seconds = time.perf_counter() - start
-    bar.close()
-    inner = _unwrap(accelerator.unwrap_model(wrapped))
-    inner.eval()
-    if config.gradient_checkpointing:
-        set_gradient_checkpointing(inner, False)
+        set_gradient_checkpointing(model, False)
     for p in params:
         p.requires_grad_(False)
-    from accelerate.utils import gather_object
-
-    digests = gather_object([weights_digest(params)])
     tail = losses[-min(10, len(losses)):] or [float("nan")]
+    steps_run = len(losses)
     metrics: dict[str, Any] = {
         "adapter": adapter_name,
         "steps": config.steps,
+        "trainer": "transformers.Trainer",
         "processes": world,
-        "global_batch": config.batch_size * world,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "global_batch": config.batch_size * config.gradient_accumulation_steps * world,
         "trainable_parameters": trainable,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail),
         "loss_curve": [round(x, 5) for x in losses],
+        "resumed_from": start_from,
         "train_seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(1, config.steps), 3),
-        "tokens_per_process": tokens_seen,
+        "seconds_per_step": round(seconds / max(1, steps_run), 3),
+        "tokens_per_process": _tokens_of_rank([len(ids) for ids, _ in encoded], order, config.batch_size, world, rank),
         "train_examples": len(train_examples),
-        "rank_weight_digests": list(digests),
+        "rank_weight_digests": digests,
         "config": dataclasses.asdict(config),
         **(extra_metrics or {}),
     }
-    if dev_examples and config.dev_limit > 0 and accelerator.is_main_process:
-        metrics.update(dev_accuracy(inner, adapter_name, list(dev_examples)[: config.dev_limit]))
+    main = args.process_index == 0
+    if dev_examples and config.dev_limit > 0 and main:
+        metrics.update(dev_accuracy(model, adapter_name, list(dev_examples)[: config.dev_limit]))
     out_dir = Path(output_dir) if output_dir is not None else None
-    if out_dir is not None and accelerator.is_main_process:
-        save_adapter_with_metrics(inner, adapter_name, out_dir, metrics, config.save_dtype)
-    accelerator.wait_for_everyone()
-    logger.info("Adapter %r: %d steps in %.1f s, final loss %.4f.", adapter_name, config.steps, seconds,
+    if out_dir is not None and main:
+        save_adapter_with_metrics(model, adapter_name, out_dir, metrics, config.save_dtype)
+    trainer.accelerator.wait_for_everyone()
+    logger.info("Adapter %r: %d steps in %.1f s, final loss %.4f.", adapter_name, steps_run, seconds,
                 metrics["final_loss"])
     return SFTResult(metrics=metrics, output_dir=out_dir)
+
+
+def _rank_digests(trainer: Any, model: Any, params: Sequence[torch.Tensor]) -> list[str]:
+    """Every rank's :func:`weights_digest` of the adapter (equal under DDP; FSDP: of the gathered weights)."""
+    from accelerate.utils import gather_object
+
+    if trainer.is_fsdp_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.model)  # collective; full tensors on rank 0
+        tensors = list(trainable_state(model, state).values()) if state else []
+        return [weights_digest(tensors)] if trainer.args.process_index == 0 else []
+    return list(gather_object([weights_digest(params)]))
 
 
 def dev_accuracy(model: Any, adapter_name: str, examples: Sequence[Any], batch_size: int = 16) -> dict[str, Any]:
