@@ -22,7 +22,7 @@ from torch import nn
 from moa.adapters.base import AdapterConfig, AdapterLayer
 from moa.errors import RoutingError
 from moa.model import adapter_io
-from moa.model.adapter_bank import AdapterBank
+from moa.model.adapter_bank import DEFAULT_MAX_ADAPTERS, AdapterBank
 from moa.model.call_routing import (
     CallFrame,
     CallPlan,
@@ -31,6 +31,7 @@ from moa.model.call_routing import (
     checkpoint_contexts,
     disabling,
 )
+from moa.model.limits import check_generation_lengths
 from moa.model.mixture_linear import MixtureLinear
 from moa.model.routing_controller import RoutingController, ask_router
 from moa.model.row_requests import RowRequest, batch_size, plan_call, token_decision_per_row
@@ -51,9 +52,13 @@ class MixtureModel(nn.Module):
         base_model: A transformers causal LM (dense or bitsandbytes NF4).
         tokenizer: Its tokenizer (needed only to route text; token ids work without).
         max_rank: Largest adapter rank accepted (bigger ones raise AdapterShapeError).
+        max_adapters: Most adapters loaded at once (one more raises InputLimitError).
     """
 
-    def __init__(self, base_model: nn.Module, tokenizer: Any = None, max_rank: int = 256):
+    def __init__(
+        self, base_model: nn.Module, tokenizer: Any = None, max_rank: int = 256,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
+    ):
         super().__init__()
         from moa.model.base_loading import base_fingerprint  # heavy deps, imported late
 
@@ -61,7 +66,7 @@ class MixtureModel(nn.Module):
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.base_fingerprint = base_fingerprint(base_model)
-        self.bank = AdapterBank(base_model, max_rank=max_rank)
+        self.bank = AdapterBank(base_model, max_rank=max_rank, max_adapters=max_adapters)
         self.active_adapters: list[str] = []
         self._router: Router | None = None
         self._controller = RoutingController(self.bank, self._default_plan)
@@ -118,6 +123,15 @@ class MixtureModel(nn.Module):
     def config(self) -> Any:
         """The base model's transformers config."""
         return self.base_model.config
+
+    @property
+    def generation_config(self) -> Any:
+        """The base model's generation config (PEFT's model exposes it too; TRL's SFTTrainer sets ids on it)."""
+        return self.base_model.generation_config
+
+    def add_model_tags(self, tags: str | list[str]) -> None:
+        """Tag the base model's model card (transformers' and PEFT's method; TRL's trainers call it)."""
+        self.base_model.add_model_tags(tags)
 
     @property
     def device(self) -> torch.device:
@@ -504,7 +518,12 @@ class MixtureModel(nn.Module):
         Rows are given as in :meth:`forward`. A routed row's decision is made once from its
         prompt and reused for every generated token (token-level routers decide each new
         token); rows expanded for beams keep their row's decision.
+
+        Raises:
+            InputLimitError: the prompt, or prompt + ``max_new_tokens`` (``max_length``), is longer
+                than the base's context; checked before anything runs.
         """
+        check_generation_lengths(self.config, input_ids, kwargs)  # before any work starts
         with self.bank.reading():
             plan = self._plan(input_ids, adapter_names, adapter_weights, router, kwargs)
             with calling(CallFrame(self.bank, plan, self.bank.names)):

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -26,7 +27,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +40,6 @@ from moa.train.trainer import (
     OrderedDataset,
     last_checkpoint,
     report_trainable,
-    trainable_state,
     training_arguments,
     unrolled_order,
 )
@@ -283,7 +283,10 @@ def train_adapter(
         trainer.train(resume_from_checkpoint=start_from)
         seconds = time.perf_counter() - start
         losses = list(trainer.step_losses)
-        digests = _rank_digests(trainer, model, params)
+    main = args.process_index == 0
+    with _full_weights(trainer):  # FSDP: rank 0 holds the whole adapter inside this block
+        fsdp = trainer.is_fsdp_enabled
+        digests = ([weights_digest(params)] if main else []) if fsdp else _rank_digests(params)
     model.eval()
     if config.gradient_checkpointing:
         set_gradient_checkpointing(model, False)
@@ -311,27 +314,35 @@ def train_adapter(
         "config": dataclasses.asdict(config),
         **(extra_metrics or {}),
     }
-    main = args.process_index == 0
-    if dev_examples and config.dev_limit > 0 and main:
+    if dev_examples and config.dev_limit > 0 and main and not trainer.is_fsdp_enabled:
         metrics.update(dev_accuracy(model, adapter_name, list(dev_examples)[: config.dev_limit]))
     out_dir = Path(output_dir) if output_dir is not None else None
-    if out_dir is not None and main:
-        save_adapter_with_metrics(model, adapter_name, out_dir, metrics, config.save_dtype)
+    with _full_weights(trainer):
+        if out_dir is not None and main:
+            save_adapter_with_metrics(model, adapter_name, out_dir, metrics, config.save_dtype)
     trainer.accelerator.wait_for_everyone()
     logger.info("Adapter %r: %d steps in %.1f s, final loss %.4f.", adapter_name, steps_run, seconds,
                 metrics["final_loss"])
     return SFTResult(metrics=metrics, output_dir=out_dir)
 
 
-def _rank_digests(trainer: Any, model: Any, params: Sequence[torch.Tensor]) -> list[str]:
-    """Every rank's :func:`weights_digest` of the adapter (equal under DDP; FSDP: of the gathered weights)."""
+def _rank_digests(params: Sequence[torch.Tensor]) -> list[str]:
+    """Every rank's :func:`weights_digest` of the adapter (DDP: all equal)."""
     from accelerate.utils import gather_object
 
-    if trainer.is_fsdp_enabled:
-        state = trainer.accelerator.get_state_dict(trainer.model)  # collective; full tensors on rank 0
-        tensors = list(trainable_state(model, state).values()) if state else []
-        return [weights_digest(tensors)] if trainer.args.process_index == 0 else []
     return list(gather_object([weights_digest(params)]))
+
+
+@contextlib.contextmanager
+def _full_weights(trainer: Any) -> Iterator[None]:
+    """Under FSDP (v1, ``use_orig_params``): the full adapter tensors on rank 0 inside the block."""
+    if not trainer.is_fsdp_enabled:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(trainer.model_wrapped, writeback=False, rank0_only=True):
+        yield
 
 
 def dev_accuracy(model: Any, adapter_name: str, examples: Sequence[Any], batch_size: int = 16) -> dict[str, Any]:

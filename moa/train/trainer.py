@@ -83,8 +83,11 @@ class OrderedDataset(torch.utils.data.Dataset):
 
 
 def trainable_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Name -> tensor of ``model``'s parameters that require gradients (from ``state_dict`` if given)."""
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    """Name -> tensor of ``model``'s parameters that require gradients (from ``state_dict`` if given).
+
+    FSDP's wrapper prefixes are dropped from the names, as in its full state dict.
+    """
+    names = [name.replace("_fsdp_wrapped_module.", "") for name, p in model.named_parameters() if p.requires_grad]
     source = state_dict if state_dict is not None else dict(model.named_parameters())
     return {name: source[name].detach().cpu().contiguous() for name in names if name in source}
 
@@ -102,7 +105,50 @@ class _StepLoss(TrainerCallback):
         trainer.pending_loss = torch.zeros(())
 
 
-class MixtureTrainer(Trainer):
+class TrainableCheckpoints:
+    """Trainer mixin: checkpoints hold the trainable tensors (and ``save_hook``'s files), not the base.
+
+    Mixed into :class:`MixtureTrainer` and :class:`moa.train.trl_compat.MixtureSFTTrainer`.
+    """
+
+    save_hook: Callable[[Path], None] | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trainable tensors (and :attr:`save_hook`'s files), never the frozen base."""
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.save_hook is not None and state_dict is None:  # first: an adapter save replaces the folder
+            # (under FSDP the module holds shards: only the gathered state dict is written)
+            self.save_hook(folder)
+        save_file(trainable_state(model, state_dict), str(folder / TRAINABLE_NAME), metadata={"format": "pt"})
+        logger.info("Saved the trainable tensors to %s.", folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Load ``trainable.safetensors`` into the trainable parameters (all of them, same shapes)."""
+        path = os.path.join(resume_from_checkpoint, TRAINABLE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a moa checkpoint: {TRAINABLE_NAME} is missing.")
+        if self.is_fsdp_enabled:
+            raise NotImplementedError("Resuming an FSDP run is not supported: start it again, or resume under DDP.")
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        tensors = load_file(path)
+        params = {name: p for name, p in target.named_parameters() if p.requires_grad}
+        if set(tensors) != set(params):
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint!r} does not match the trainable parameters: missing "
+                f"{sorted(set(params) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(params))[:3]}."
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(tensors[name].to(param.device, param.dtype))
+        logger.info("Resumed %d trainable tensors from %s.", len(params), resume_from_checkpoint)
+
+
+
+class MixtureTrainer(TrainableCheckpoints, Trainer):
     """``transformers.Trainer`` for moa models; see the module docstring.
 
     Args:
@@ -156,38 +202,6 @@ class MixtureTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.pending_loss = self.pending_loss + loss.detach().float().cpu()
         return loss
-
-    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the trainable tensors (and :attr:`save_hook`'s files), never the frozen base."""
-        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        if not self.args.should_save:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        save_file(trainable_state(model, state_dict), str(folder / TRAINABLE_NAME), metadata={"format": "pt"})
-        if self.save_hook is not None:
-            self.save_hook(folder)
-        logger.info("Saved the trainable tensors to %s.", folder)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        """Load ``trainable.safetensors`` into the trainable parameters (all of them, same shapes)."""
-        path = os.path.join(resume_from_checkpoint, TRAINABLE_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a moa checkpoint: {TRAINABLE_NAME} is missing.")
-        if self.is_fsdp_enabled:
-            raise NotImplementedError("Resuming an FSDP run is not supported: start it again, or resume under DDP.")
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        tensors = load_file(path)
-        params = {name: p for name, p in target.named_parameters() if p.requires_grad}
-        if set(tensors) != set(params):
-            raise ValueError(
-                f"Checkpoint {resume_from_checkpoint!r} does not match the trainable parameters: missing "
-                f"{sorted(set(params) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(params))[:3]}."
-            )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(tensors[name].to(param.device, param.dtype))
-        logger.info("Resumed %d trainable tensors from %s.", len(params), resume_from_checkpoint)
 
 
 def report_trainable(model: Any, label: str) -> tuple[int, int]:
