@@ -84,6 +84,20 @@ class AdapterExistsError(AdapterError):
     """An adapter name that is already taken in the model."""
 
 
+class AdapterNameError(AdapterExistsError):
+    """An adapter name that is not allowed: a path separator, ``..``, a control, bidi or non-ASCII
+    look-alike character, or a reserved name (a subclass of :class:`AdapterExistsError`, which
+    moa raised for these before)."""
+
+
+# --- limits ------------------------------------------------------------------------------
+
+
+class InputLimitError(MoaError, ValueError):
+    """An input beyond one of moa's limits: a prompt longer than the base's context, too many new
+    tokens, too many adapters. Refused before any work starts."""
+
+
 # --- routing -----------------------------------------------------------------------------
 
 
@@ -130,11 +144,13 @@ __all__ = [
     "AdapterError",
     "AdapterExistsError",
     "AdapterFormatError",
+    "AdapterNameError",
     "AdapterShapeError",
     "BackendUnavailableError",
     "BaseModelError",
     "BaseModelMismatchError",
     "HubError",
+    "InputLimitError",
     "IntegrityError",
     "ManifestError",
     "MissingDependencyError",

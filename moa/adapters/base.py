@@ -46,14 +46,23 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Raise :class:`AdapterConfigError` for values this type cannot honour."""
+        for key in ("base_model_name_or_path", "task_type"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise AdapterConfigError(f"{type(self).__name__} field {key} = {short(value)} must be a string or null.")
         if self.target_modules is None and self.accepts_default_target_modules:
             return  # resolved against the base when the adapter is added
-        if self.target_modules is None or (
-            not isinstance(self.target_modules, str) and len(self.target_modules) == 0
+        modules = self.target_modules
+        if isinstance(modules, str):
+            check_pattern(modules, "target_modules")
+            return
+        if (
+            modules is None or isinstance(modules, Mapping) or not isinstance(modules, (list, tuple, set, frozenset))
+            or len(modules) == 0 or not all(isinstance(m, str) and m for m in modules)
         ):
             raise AdapterConfigError(
-                f"{type(self).__name__} needs target_modules, got {self.target_modules!r}. "
-                f"Give module names such as ['q_proj', 'v_proj'] or 'all-linear'."
+                f"{type(self).__name__} needs target_modules: a list of module names, a regex or 'all-linear'; "
+                f"got {short(modules)}. Give module names such as ['q_proj', 'v_proj'] or 'all-linear'."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +84,23 @@ class AdapterConfig:
         config = cls(**kwargs)
         config.validate()
         return config
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_pattern(pattern: Any, field: str) -> None:
+    """Raise :class:`AdapterConfigError` unless ``pattern`` is a non-empty regex string that compiles."""
+    if not isinstance(pattern, str) or not pattern:
+        raise AdapterConfigError(f"{field}: {short(pattern)} is not a module name or regex (a non-empty string).")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        raise AdapterConfigError(f"{field}: {short(pattern)} is not a valid regex ({error}). "
+                                 f"Give module names such as 'q_proj', or a valid regex.") from error
 
 
 def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -> Any:

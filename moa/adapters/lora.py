@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from moa.adapters.base import AdapterConfig, AdapterLayer, pattern_value
+from moa.adapters.base import AdapterConfig, AdapterLayer, check_pattern, pattern_value, short
 from moa.errors import AdapterConfigError
 
 
@@ -68,15 +68,29 @@ class LoraConfig(AdapterConfig):
         ``target_modules=None`` is valid: PEFT's default for the base is used.
         """
         super().validate()
+        for key in ("rank_pattern", "alpha_pattern"):
+            patterns = getattr(self, key)
+            if not isinstance(patterns, dict):
+                raise AdapterConfigError(f"LoRA field {key} = {short(patterns)} must be an object "
+                                         f"{{module suffix or regex: value}}.")
+            for pattern in patterns:
+                check_pattern(pattern, key)
         ranks = [self.r, *self.rank_pattern.values()]
         if any(not isinstance(r, int) or isinstance(r, bool) or r <= 0 for r in ranks):
             raise AdapterConfigError(
-                f"LoRA rank must be a positive integer; got r={self.r!r}, "
-                f"rank_pattern={self.rank_pattern!r}."
+                f"LoRA rank must be a positive integer; got r={short(self.r)}, "
+                f"rank_pattern={short(self.rank_pattern)}."
             )
+        for key, value in [("lora_alpha", self.lora_alpha), ("lora_dropout", self.lora_dropout),
+                           *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise AdapterConfigError(f"LoRA field {key} = {short(value)} must be a finite number.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise AdapterConfigError(f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        for key in ("use_rslora", "inference_mode"):
+            if not isinstance(getattr(self, key), bool):
+                raise AdapterConfigError(f"LoRA field {key} = {short(getattr(self, key))} must be true or false.")
+        if not isinstance(self.init_lora_weights, (bool, str)) or self.init_lora_weights not in (True, False, "gaussian"):
             raise AdapterConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported. "
                 f"Choices: True, False, 'gaussian'."

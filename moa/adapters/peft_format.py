@@ -19,6 +19,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moa.adapters.file_checks import (
+    check_finite,
+    check_inside_folder,
+    check_safetensors_header,
+    read_json_file,
+)
 from moa.atomic import atomic_directory
 from moa.errors import AdapterFormatError
 
@@ -51,7 +57,8 @@ class AdapterFiles:
     @property
     def base_fingerprint(self) -> str | None:
         """Fingerprint of the base the adapter was saved against, if moa saved it."""
-        return self.metadata.get(FINGERPRINT_KEY) or self.moa.get("base", {}).get("fingerprint")
+        base = self.moa.get("base")
+        return self.metadata.get(FINGERPRINT_KEY) or (base.get("fingerprint") if isinstance(base, dict) else None)
 
 
 def peft_key(module_name: str, suffix: str) -> str:
@@ -146,7 +153,12 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
 
 
 def read_adapter_folder(directory: str | os.PathLike) -> AdapterFiles:
-    """Read an adapter folder, raising :class:`AdapterFormatError` for anything unusable."""
+    """Read an adapter folder, raising :class:`AdapterFormatError` for anything unusable.
+
+    Nothing is loaded from a file that is a symlink out of the folder, a pickle, or a config
+    asking for ``trust_remote_code`` (:class:`~moa.errors.UnsafeFileError`); ``moa.json``
+    must be a JSON object whose ``base`` (if any) is an object.
+    """
     path = Path(directory)
     if not path.is_dir():
         raise AdapterFormatError(
@@ -154,19 +166,14 @@ def read_adapter_folder(directory: str | os.PathLike) -> AdapterFiles:
             f"and {WEIGHTS_NAME}, or a Hub repo id."
         )
     config_path = path / CONFIG_NAME
-    if not config_path.is_file():
+    if not config_path.exists() and not config_path.is_symlink():
         raise AdapterFormatError(
             f"{str(path)!r} has no {CONFIG_NAME}; it is not a PEFT adapter folder. Files there: "
             f"{sorted(p.name for p in path.iterdir())[:10]}."
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterFormatError(f"{str(config_path)!r} is not valid JSON: {error}.") from error
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{str(config_path)!r} must hold a JSON object, not {type(config).__name__}.")
+    config = read_json_file(config_path, folder=path)
     weights_path = path / WEIGHTS_NAME
-    if not weights_path.is_file():
+    if not weights_path.exists() and not weights_path.is_symlink():
         pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
         hint = (
             f" It has {pickles[0]}, a pickle, which moa refuses to load (pickles run code). "
@@ -175,19 +182,38 @@ def read_adapter_folder(directory: str | os.PathLike) -> AdapterFiles:
             else ""
         )
         raise AdapterFormatError(f"{str(path)!r} has no {WEIGHTS_NAME}.{hint}")
-    tensors, metadata = read_safetensors(weights_path)
+    check_inside_folder(path, weights_path, AdapterFormatError)
+    tensors, metadata = read_safetensors(weights_path, float_only=True)
+    check_finite(tensors, repr(str(weights_path)))
     moa_path = path / MOA_METADATA_NAME
     moa_metadata: dict[str, Any] = {}
-    if moa_path.is_file():
-        try:
-            moa_metadata = json.loads(moa_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise AdapterFormatError(f"{str(moa_path)!r} is not valid JSON: {error}.") from error
+    if moa_path.exists() or moa_path.is_symlink():
+        moa_metadata = read_json_file(moa_path, folder=path)
+        for key in ("base", "adapter_type"):
+            kind = dict if key == "base" else str
+            if key in moa_metadata and not isinstance(moa_metadata[key], kind):
+                raise AdapterFormatError(
+                    f"{str(moa_path)!r}: field {key} = {str(moa_metadata[key])[:60]!r} must be a JSON "
+                    f"{'object' if kind is dict else 'string'}. Re-save the adapter with moa (or delete {MOA_METADATA_NAME})."
+                )
+        fingerprint = moa_metadata.get("base", {}).get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise AdapterFormatError(
+                f"{str(moa_path)!r}: field base.fingerprint = {str(fingerprint)[:60]!r} must be a string. Re-save "
+                f"the adapter with moa (or delete {MOA_METADATA_NAME})."
+            )
     return AdapterFiles(config=config, tensors=tensors, metadata=metadata, moa=moa_metadata, path=path)
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the header metadata of a safetensors file (corrupt -> AdapterFormatError)."""
+def read_safetensors(
+    path: str | os.PathLike, *, float_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file (corrupt -> AdapterFormatError).
+
+    The header is checked field by field first (:func:`~moa.adapters.file_checks.check_safetensors_header`);
+    ``float_only`` refuses tensors that are not floating point (adapter weights).
+    """
+    check_safetensors_header(Path(path), float_only=float_only)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})

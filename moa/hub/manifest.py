@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import moa
+from moa.adapters.file_checks import refuse_remote_code
 from moa.errors import AdapterExistsError, BaseModelMismatchError, ManifestError, MoaError, format_choices
 from moa.hub.model_card import render_mixture_card
 from moa.hub.pull import (
@@ -49,6 +50,8 @@ FORMAT = "moa-mixture"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
+#: ASCII only, no trailing newline (pull.check_repo_id's pattern also takes Unicode letters and a final "\n").
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+")
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,9 @@ class MixtureManifest:
             base = data.get("base")
             _check(isinstance(base, dict) and isinstance(base.get("fingerprint"), str) and base["fingerprint"],
                    "base.fingerprint", base, "a non-empty string")
+            for key in ("model_id", "quantization"):
+                _check(isinstance(base.get(key), (str, type(None))), f"base.{key}", base.get(key), "a string or null")
+            refuse_remote_code(data, source)
             adapters = [_adapter_pin(item, i) for i, item in enumerate(_list(data.get("adapters"), "adapters"))]
             names = [a.name for a in adapters]
             _check(len(set(names)) == len(names), "adapters[].name", names, "unique names")
@@ -181,21 +187,27 @@ def _files(value: Any, what: str) -> dict[str, str]:
 def _adapter_pin(item: Any, index: int) -> AdapterPin:
     where = f"adapters[{index}]"
     _check(isinstance(item, dict), where, item, "an object")
-    _check(isinstance(item.get("name"), str) and bool(_NAME.match(item["name"])), f"{where}.name",
+    _check(isinstance(item.get("name"), str) and bool(_NAME.fullmatch(item["name"])), f"{where}.name",
            item.get("name"), "letters, digits, '_' and '-'")
-    _check(isinstance(item.get("repo"), str), f"{where}.repo", item.get("repo"), "'owner/name'")
+    _check(isinstance(item.get("repo"), str) and bool(_REPO.fullmatch(item["repo"])), f"{where}.repo",
+           item.get("repo"), "'owner/name' (ASCII letters, digits, '-', '_', '.')")
     check_repo_id(item["repo"])
-    _check(isinstance(item.get("revision"), str) and bool(_HEX40.match(item["revision"])), f"{where}.revision",
+    _check(isinstance(item.get("revision"), str) and bool(_HEX40.fullmatch(item["revision"])), f"{where}.revision",
            item.get("revision"), "a 40-hex commit id (pins never name a branch)")
+    _check(isinstance(item.get("adapter_type", "lora"), str), f"{where}.adapter_type", item.get("adapter_type"),
+           "an adapter type name such as 'lora'")
     return AdapterPin(item["name"], item["repo"], item["revision"], _files(item.get("files"), f"{where}.files"),
-                      str(item.get("adapter_type") or "lora"))
+                      item.get("adapter_type") or "lora")
 
 
 def _router_pin(item: Any) -> RouterPin:
     _check(isinstance(item, dict) and isinstance(item.get("repo"), str), "router", item, "an object with 'repo'")
+    _check(bool(_REPO.fullmatch(item["repo"])), "router.repo", item["repo"], "'owner/name' (ASCII)")
     check_repo_id(item["repo"])
-    _check(isinstance(item.get("revision"), str) and bool(_HEX40.match(item["revision"])), "router.revision",
+    _check(isinstance(item.get("revision"), str) and bool(_HEX40.fullmatch(item["revision"])), "router.revision",
            item.get("revision"), "a 40-hex commit id")
+    _check(isinstance(item.get("router_type"), (str, type(None))), "router.router_type", item.get("router_type"),
+           "a router type name or null")
     return RouterPin(item["repo"], item["revision"], _files(item.get("files"), "router.files"),
                      item.get("router_type"))
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +290,7 @@ def _verify_plugin(repo_root: Path, entry: PluginEntry) -> VerifyResult:
 #: The demo adapters' manifest inside the moa package, and the ``source`` prefix of their entries.
 SHIPPED_MANIFEST = Path("demo_adapters") / "manifest.json"
 SHIPPED_PREFIX = "moa/demo_adapters/"
+_SHIPPED_FILE = re.compile(r"[a-z0-9_\-]+/[A-Za-z0-9_.\-]+")
 _SHIPPED_HEADER = (
     "# moa registry: adapter entry (schema: registry/schema/adapter.schema.json)\n"
     "# Generated from moa/demo_adapters/manifest.json by 'moa registry sync-shipped'; do not edit.\n"
@@ -317,15 +320,9 @@ def render_shipped_entries(manifest: str | os.PathLike | None = None) -> dict[st
             ``base_fingerprint``.
     """
     path = Path(manifest) if manifest else Path(moa.__file__).resolve().parent / SHIPPED_MANIFEST
-    try:
-        data = json.loads(path.read_text())
-        files: dict[str, str] = data["files"]
-        base = (data["base_model"], data["base_fingerprint"], data.get("quantization") or "none")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise RegistryError(
-            f"Cannot read the demo adapters' manifest {str(path)!r} ({type(error).__name__}: {error}); it needs "
-            f"'files', 'base_model' and 'base_fingerprint'. Regenerate it by retraining (moa demo) or restore it."
-        ) from error
+    data = _read_shipped_manifest(path)
+    files: dict[str, str] = data["files"]
+    base = (data["base_model"], data["base_fingerprint"], data.get("quantization") or "none")
     by_folder: dict[str, dict[str, str]] = {}
     for key, digest in files.items():
         folder, _, name = key.partition("/")
@@ -334,7 +331,8 @@ def render_shipped_entries(manifest: str | os.PathLike | None = None) -> dict[st
     for name, pins in sorted(by_folder.items()):
         if "adapter_config.json" not in pins:  # e.g. router/
             continue
-        accuracy = data.get("metrics", {}).get(name, {}).get("dev_accuracy")
+        metrics = data.get("metrics", {}).get(name, {})
+        accuracy = metrics.get("dev_accuracy") if isinstance(metrics, dict) else None
         entry: dict[str, Any] = {
             "name": name,
             "source": SHIPPED_PREFIX + name,
@@ -345,10 +343,60 @@ def render_shipped_entries(manifest: str | os.PathLike | None = None) -> dict[st
             "base": {"model_id": base[0], "fingerprint": base[1], "quantization": base[2]},
             "files": dict(sorted(pins.items())),
         }
-        if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool):
+        if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy):
             entry["metrics"] = {"dev_accuracy": float(accuracy)}
+        _check_shipped_entry(entry, path)
         entries[name] = _SHIPPED_HEADER + tomli_w.dumps(entry)
     return entries
+
+
+def _shipped_problem(what: str, value: Any, expected: str) -> str:
+    return f"field {what} = {str(value)[:60]!r}; expected {expected}"
+
+
+def _read_shipped_manifest(path: Path) -> dict[str, Any]:
+    """The demo adapters' manifest, its fields checked (RegistryError naming the file and field)."""
+    problem = None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        data, problem = None, f"{type(error).__name__}: {error}"
+    if problem is None and not isinstance(data, dict):
+        problem = f"it holds a JSON {type(data).__name__}, not an object"
+    elif problem is None:
+        files, metrics = data.get("files"), data.get("metrics", {})
+        if not isinstance(files, dict) or not files:
+            problem = _shipped_problem("files", files, "a non-empty object {'<adapter>/<file>': sha256}")
+        elif bad := [k for k, v in files.items() if not isinstance(v, str) or not _SHIPPED_FILE.fullmatch(k)]:
+            problem = _shipped_problem(f"files[{bad[0]!r}]", files[bad[0]],
+                                       "a key '<adapter folder>/<file name>' and a sha256 string")
+        for key in ("base_model", "base_fingerprint"):
+            if problem is None and (not isinstance(data.get(key), str) or not data[key]):
+                problem = _shipped_problem(key, data.get(key), "a non-empty string")
+        if problem is None and not isinstance(data.get("quantization") or "none", str):
+            problem = _shipped_problem("quantization", data.get("quantization"), "a string or null")
+        if problem is None and not isinstance(metrics, dict):
+            problem = _shipped_problem("metrics", metrics, "an object {adapter: {dev_accuracy: number}}")
+    if problem:
+        raise RegistryError(
+            f"Cannot read the demo adapters' manifest {str(path)!r}: {problem}. It needs 'files', 'base_model' and "
+            f"'base_fingerprint'. Regenerate it by retraining (moa demo) or restore it."
+        )
+    return data
+
+
+def _check_shipped_entry(entry: dict[str, Any], manifest: Path) -> None:
+    """Raise RegistryError if the entry rendered from ``manifest`` breaks the adapter schema."""
+    try:
+        schema = load_schema(registry_root(), "adapters")
+    except RegistryError:  # an installed moa without its registry folder: nothing to check against
+        return
+    errors = validate(entry, schema)
+    if errors:
+        raise RegistryError(
+            f"The demo adapters' manifest {str(manifest)!r} gives adapter {entry['name']!r} an invalid registry "
+            f"entry: {'; '.join(errors)}. Fix that field of the manifest (or regenerate it by retraining)."
+        )
 
 
 def sync_shipped_entries(

@@ -10,15 +10,15 @@ or a manifest pinned.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moa.adapters.file_checks import check_config_ranks
+from moa.adapters.file_checks import check_safetensors_header as check_header
 from moa.errors import AdapterFormatError, AdapterShapeError, IntegrityError, UnsafeFileError
 
 #: File name endings of pickle-based formats (loading one can run arbitrary code).
@@ -28,7 +28,6 @@ MAX_FILE_BYTES_ENV = "MOA_HUB_MAX_FILE_BYTES"
 MAX_TOTAL_BYTES_ENV = "MOA_HUB_MAX_TOTAL_BYTES"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -257,7 +256,7 @@ def verify_folder_exact(folder: Path, expected: Mapping[str, str], source: str, 
 
 def check_sha256_hex(value: Any, what: str) -> str:
     """Return ``value`` if it is a lowercase 64-hex sha256, else raise :class:`IntegrityError`."""
-    if not isinstance(value, str) or not _HEX64.match(value):
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
         raise IntegrityError(f"{what} must be a 64-character lowercase hex sha256, got {value!r}.")
     return value
 
@@ -268,21 +267,7 @@ def check_adapter_config_ranks(config: Mapping[str, Any], max_rank: int, source:
     Raises:
         AdapterShapeError: a rank above the cap (or not a positive integer).
     """
-    ranks: list[tuple[str, Any]] = []
-    if "r" in config:
-        ranks.append(("r", config["r"]))
-    pattern = config.get("rank_pattern") or {}
-    if isinstance(pattern, Mapping):
-        ranks += [(f"rank_pattern[{key!r}]", value) for key, value in pattern.items()]
-    for where, value in ranks:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise AdapterShapeError(f"{source}: adapter_config.json {where} = {value!r} is not a positive integer.")
-        if value > max_rank:
-            raise AdapterShapeError(
-                f"{source}: adapter_config.json {where} = {value}, above the rank cap {max_rank}. Nothing was "
-                f"loaded. Pass a higher max_rank (MixtureModel.from_pretrained(..., max_rank=...)) if you "
-                f"trust this adapter."
-            )
+    check_config_ranks(config, max_rank, f"{source}: adapter_config.json")
 
 
 def check_safetensors_header(path: Path, max_rank: int | None, source: str) -> dict[str, Any]:
@@ -295,23 +280,9 @@ def check_safetensors_header(path: Path, max_rank: int | None, source: str) -> d
         AdapterFormatError: not a safetensors file, or offsets outside the file.
         AdapterShapeError: a ``lora_A`` / ``lora_B`` tensor whose rank is above ``max_rank``.
     """
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > min(_MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"header length {length} does not fit a {size}-byte file")
-            header = json.loads(handle.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        data_size = size - 8 - length
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            if not (0 <= start <= end <= data_size) or not all(isinstance(d, int) and d >= 0 for d in info["shape"]):
-                raise ValueError(f"tensor {name!r} has offsets {info['data_offsets']} outside the data")
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
+        header = check_header(path)
+    except AdapterFormatError as error:
         raise AdapterFormatError(
             f"{path.name!r} from {source} is not a valid safetensors file ({error}). Nothing was loaded."
         ) from error

@@ -18,22 +18,63 @@ import contextlib
 import logging
 import re
 import threading
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 
 from torch import nn
 
 from moa.adapters.base import AdapterConfig, AdapterLayer
-from moa.errors import AdapterExistsError, AdapterShapeError, MoaError, UnknownAdapterError, format_choices
+from moa.errors import (
+    AdapterExistsError,
+    AdapterNameError,
+    AdapterShapeError,
+    InputLimitError,
+    MoaError,
+    UnknownAdapterError,
+    format_choices,
+)
 from moa.model.mixture_linear import MixtureLinear
 
 logger = logging.getLogger(__name__)
 
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")
+#: Longest adapter name accepted.
+MAX_NAME_LENGTH = 128
+#: Most adapters one model holds by default (``MixtureModel(max_adapters=...)``).
+DEFAULT_MAX_ADAPTERS = 1024
 #: PEFT's name for "no adapter" in ``adapter_names``.
 BASE_ROW = "__base__"
 #: The name that asks the router to decide a row (in ``adapter_names`` / ``adapter_weights``).
 AUTO_ROW = "auto"
 _RESERVED = (BASE_ROW, AUTO_ROW)
+
+
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if it is a valid adapter name: 1-128 ASCII letters, digits, ``_`` or ``-``.
+
+    Adapter names become folder names (``save_pretrained``), URL parts and metric labels, so a
+    path separator, ``..``, a control, bidi or zero-width character, or a non-ASCII look-alike
+    (Cyrillic ``ѕ``, fullwidth ``ｓ``) is refused, as are the reserved names.
+
+    Raises:
+        AdapterNameError: naming the first offending character (and its Unicode name).
+    """
+    if isinstance(name, str) and _NAME_PATTERN.fullmatch(name) and len(name) <= MAX_NAME_LENGTH:
+        if name in _RESERVED:
+            raise AdapterNameError(f"Invalid adapter name {name!r}: it is reserved (reserved names: "
+                                   f"{format_choices(_RESERVED)}). Pick another name.")
+        return name
+    if not isinstance(name, str) or not name:
+        why = f"it is {'empty' if name == '' else 'a ' + type(name).__name__}"
+    elif len(name) > MAX_NAME_LENGTH:
+        why = f"it is {len(name)} characters long, above {MAX_NAME_LENGTH}"
+    else:
+        bad = next(c for c in name if not _NAME_PATTERN.fullmatch(c))
+        why = f"character {bad!r} (U+{ord(bad):04X} {unicodedata.name(bad, 'unnamed')}) is not allowed"
+    raise AdapterNameError(
+        f"Invalid adapter name {str(name)[:80]!r}: {why}. Use letters, digits, '_' and '-' only (ASCII; no path "
+        f"separators, dots, spaces, control or look-alike characters), e.g. 'sql' or 'sql-v2'."
+    )
 
 
 class BankBusyError(MoaError, RuntimeError):
@@ -104,11 +145,13 @@ class AdapterBank:
     Args:
         base_model: The transformers model whose linear layers get wrapped.
         max_rank: Largest adapter rank accepted.
+        max_adapters: Most adapters held at once.
     """
 
-    def __init__(self, base_model: nn.Module, max_rank: int = 256):
+    def __init__(self, base_model: nn.Module, max_rank: int = 256, max_adapters: int = DEFAULT_MAX_ADAPTERS):
         self.base_model = base_model
         self.max_rank = int(max_rank)
+        self.max_adapters = int(max_adapters)
         self.configs: dict[str, AdapterConfig] = {}
         self._names: tuple[str, ...] = ()
         self.layout_version = 0
@@ -150,14 +193,16 @@ class AdapterBank:
     # -- validation ------------------------------------------------------------------------
 
     def check_new_name(self, name: str) -> None:
-        """Raise :class:`AdapterExistsError` unless ``name`` is a valid, unused adapter name."""
-        if not isinstance(name, str) or not _NAME_PATTERN.match(name) or name in _RESERVED:
-            raise AdapterExistsError(
-                f"Invalid adapter name {name!r}: use letters, digits, '_' and '-' only "
-                f"(and not one of the reserved names {format_choices(_RESERVED)})."
-            )
+        """Raise unless ``name`` is a valid, unused adapter name and the bank has room for one more.
+
+        Raises:
+            AdapterNameError: not a valid name (see :func:`check_adapter_name`).
+            AdapterExistsError: already loaded.
+            InputLimitError: the bank already holds ``max_adapters`` adapters.
+        """
+        check_adapter_name(name)
         if hasattr(nn.ModuleDict(), name):  # the per-layer bank is an nn.ModuleDict
-            raise AdapterExistsError(
+            raise AdapterNameError(
                 f"Invalid adapter name {name!r}: it is the name of a torch module attribute "
                 f"(like 'train' or 'forward'). Pick another, e.g. {name + '_adapter'!r}."
             )
@@ -166,6 +211,12 @@ class AdapterBank:
                 f"An adapter named {name!r} is already loaded. Loaded: "
                 f"{format_choices(self._names)}. Pick another adapter_name or "
                 f"delete_adapter({name!r}) first."
+            )
+        if len(self._names) >= self.max_adapters:
+            raise InputLimitError(
+                f"Cannot add adapter {name!r}: the model holds {len(self._names)} adapters, the cap "
+                f"max_adapters={self.max_adapters}. Delete one (model.delete_adapter(name)) or raise the cap "
+                f"(MixtureModel(..., max_adapters=N))."
             )
 
     def check_known(self, names: Sequence[str]) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import moa
 from moa.adapters.base import AdapterConfig, AdapterLayer
+from moa.adapters.file_checks import check_config_ranks
 from moa.adapters.peft_format import (
     CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFiles,
     FINGERPRINT_KEY,
     peft_key,
     portable_base_model_name,
@@ -22,7 +26,9 @@ from moa.errors import (
     AdapterConfigError,
     AdapterFormatError,
     BaseModelMismatchError,
+    MoaError,
     TargetModuleError,
+    UnknownPluginError,
     format_choices,
 )
 from moa.model.targets import linear_features, linear_module_names, module_suffixes
@@ -43,12 +49,36 @@ def read_adapter(model: MixtureModel, folder: str | os.PathLike) -> tuple[Adapte
         TargetModuleError: a tensor for a module this base does not have (or not linear).
         AdapterShapeError: a tensor whose shape does not fit its module.
     """
+    files = read_adapter_folder(folder)
+    where = f"{CONFIG_NAME} of {str(folder)!r}"
+    try:
+        return _build_layers(model, folder, files)
+    except (AdapterConfigError, UnknownPluginError) as error:
+        raise _naming(error, where) from error
+    except MoaError as error:  # about the tensors: name the weights file
+        raise _naming(error, f"{WEIGHTS_NAME} of {str(folder)!r}") from error
+    except (TypeError, ValueError, KeyError, AttributeError, re.error, OverflowError) as error:
+        # a plugin's config class that does not check its values itself
+        raise AdapterConfigError(
+            f"{where} holds a value its adapter type cannot use ({type(error).__name__}: {error}). "
+            f"Fix that field or re-save the adapter."
+        ) from error
+
+
+def _naming(error: MoaError, where: str) -> MoaError:
+    """``error`` again, its message prefixed with ``where`` (the file) unless it names it already."""
+    message = str(error)
+    return error if where in message else type(error)(f"{where}: {message}")
+
+
+def _build_layers(model: MixtureModel, folder: str | os.PathLike, files: AdapterFiles
+                  ) -> tuple[AdapterConfig, dict[str, AdapterLayer]]:
     from moa.plugin import adapter_type_for_config
 
-    files = read_adapter_folder(folder)
     saved_fingerprint = files.base_fingerprint
     if saved_fingerprint and saved_fingerprint != model.base_fingerprint:
-        saved_base = files.moa.get("base", {}).get("name_or_path") or files.config.get("base_model_name_or_path")
+        base_info = files.moa.get("base", {})
+        saved_base = base_info.get("name_or_path") or files.config.get("base_model_name_or_path")
         raise BaseModelMismatchError(
             f"Adapter {str(folder)!r} was made for base {saved_base!r} (fingerprint "
             f"{saved_fingerprint}), but this model's base is "
@@ -61,6 +91,8 @@ def read_adapter(model: MixtureModel, folder: str | os.PathLike) -> tuple[Adapte
             f"{CONFIG_NAME} of {str(folder)!r} has no 'peft_type' (got {peft_type!r}); "
             f"it is not a PEFT adapter config."
         )
+    # Ranks are checked against the cap before any layer is built: a hostile r=10**9 must not allocate.
+    check_config_ranks(files.config, model.max_rank, f"{CONFIG_NAME} of {str(folder)!r}")
     # A type whose config class accepts() this config (DoRA: LORA + use_dora) wins over
     # the type registered for its peft_type (see MoaPluginManager.adapter_type_for_config).
     spec = adapter_type_for_config(files.config)
@@ -80,14 +112,15 @@ def read_adapter(model: MixtureModel, folder: str | os.PathLike) -> tuple[Adapte
         raise AdapterFormatError(f"{str(folder)!r} holds no adapter tensors.")
     linear = {n.replace(".base_layer", "") for n in linear_module_names(model.base_model)}
     linear |= {layer.module_name for layer in model.mixture_layers()}
-    layers: dict[str, AdapterLayer] = {}
-    for module_name, tensors in sorted(by_module.items()):
+    for module_name, tensors in by_module.items():
         if module_name not in linear:
             raise TargetModuleError(
                 f"The adapter has weights for module {module_name!r}, which is not a linear layer of "
                 f"this base. Its linear modules end in: "
                 f"{format_choices(module_suffixes(sorted(linear)))}. Was it made for another base?"
             )
+    layers: dict[str, AdapterLayer] = {}
+    for module_name, tensors in sorted(by_module.items()):
         layer = spec.layer_class(config, module_name, *linear_features(model.bank.base_layer(module_name)))
         layer.load_peft_state_dict(tensors)
         layers[module_name] = layer

@@ -131,7 +131,11 @@ def load_base(
     dev = _resolve_device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     path = resolve_base(base)
-    extra: dict[str, Any] = {} if Path(path).is_dir() else {"local_files_only": True}
+    refuse_custom_code(path)
+    # never run code shipped with a base (transformers would otherwise ask, or fail later)
+    extra: dict[str, Any] = {"trust_remote_code": False}
+    if not Path(path).is_dir():
+        extra["local_files_only"] = True
     start = time.perf_counter()
     tokenizer = _load_tokenizer(path, base, extra)
     if quant is None:
@@ -216,6 +220,31 @@ def _load_tokenizer(path: str, base: object, extra: dict[str, Any]) -> PreTraine
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def refuse_custom_code(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`BaseModelError` if a local base folder's ``config.json`` asks to run its own code.
+
+    A config with ``auto_map`` (model classes in ``.py`` files of the folder) or
+    ``trust_remote_code`` is refused before anything is loaded: moa never runs code that comes
+    with a model.
+    """
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:
+        raise BaseModelError(f"{str(config_path)!r} is not valid JSON ({error}). Restore the base folder.") from error
+    if not isinstance(config, dict):
+        raise BaseModelError(f"{str(config_path)!r} must hold a JSON object. Restore the base folder.")
+    for key in ("auto_map", "trust_remote_code"):
+        if config.get(key) not in (None, False, {}):
+            raise BaseModelError(
+                f"{str(config_path)!r}: field {key} = {str(config[key])[:80]!r} asks to run code shipped with the "
+                f"model (trust_remote_code), which moa never does. Use a base whose architecture transformers "
+                f"ships (Llama, Mistral, Qwen2...), or remove {key} if the architecture is a standard one."
+            )
 
 
 def _from_pretrained(path: str, base: object, **kwargs: Any) -> PreTrainedModel:

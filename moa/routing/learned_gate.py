@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +38,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from moa.adapters.file_checks import check_finite, check_inside_folder, read_json_file
+from moa.adapters.peft_format import read_safetensors
 from moa.atomic import atomic_directory
-from moa.errors import RoutingError, UnknownAdapterError, format_choices
+from moa.errors import AdapterFormatError, RoutingError, UnknownAdapterError, format_choices
 from moa.routing.decision import RoutingDecision
 from moa.routing.router import Router, RoutingRequest
 
@@ -111,6 +114,46 @@ class GateHead(nn.Module):
         """Logits ``[N, A]`` for features ``[N, H]``."""
         z = (features.float() - self.feature_mean) / self.feature_std
         return self.net(self.dropout(z))
+
+
+def _gate_settings(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The constructor arguments in a ``router_config.json``, each checked (the field named when wrong)."""
+
+    def field(key: str, ok: Any, default: Any, expected: str) -> Any:
+        if key not in config and default is not _REQUIRED:
+            return default
+        value = config.get(key)
+        if key not in config or not ok(value):
+            raise RoutingError(f"{source}: field {key} = {str(value)[:60]!r} is not valid; expected {expected}. "
+                               f"Save the gate again (gate.save(folder)).")
+        return value
+
+    def integer(low: int) -> Any:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    field("format_version", integer(1), FORMAT_VERSION, f"an integer <= {FORMAT_VERSION}")
+    if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise RoutingError(f"{source}: field format_version = {config['format_version']} is newer than this moa "
+                           f"reads ({FORMAT_VERSION}). Upgrade moa.")
+    names = field("adapter_names", lambda v: isinstance(v, list) and v and all(isinstance(n, str) and n for n in v)
+                  and len(set(v)) == len(v), _REQUIRED, "a list of distinct adapter names")
+    return {
+        "adapter_names": names,
+        "hidden_size": field("hidden_size", integer(1), _REQUIRED, "an integer >= 1"),
+        "hidden_layer": field("hidden_layer", integer(0), _REQUIRED, "an integer >= 0"),
+        "level": field("level", lambda v: v in ("sequence", "token"), "sequence", "'sequence' or 'token'"),
+        "mlp_hidden": field("mlp_hidden", integer(0), 0, "an integer >= 0"),
+        "temperature": field("temperature", lambda v: number(v) and v > 0, 1.0, "a finite number > 0"),
+        "top_k": field("top_k", integer(1), 1, "an integer >= 1"),
+        "dropout": field("dropout", lambda v: number(v) and 0 <= v < 1, 0.0, "a number in [0, 1)"),
+        "metadata": field("metadata", lambda v: v is None or isinstance(v, dict), None, "an object") or {},
+    }
+
+
+_REQUIRED = object()
 
 
 class LearnedGate(Router, nn.Module):
@@ -279,49 +322,45 @@ class LearnedGate(Router, nn.Module):
         Raises:
             RoutingError: missing, corrupt or mismatched files.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         folder = Path(directory)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_path.is_file() or not weights_path.is_file():
+        if not config_path.exists() or not weights_path.exists():
             raise RoutingError(
                 f"{str(folder)!r} is not a learned-gate folder: it needs {CONFIG_NAME} and "
                 f"{WEIGHTS_NAME}. Train one with 'moa train-router'."
             )
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as error:
-            raise RoutingError(f"Cannot read {str(config_path)!r}: {error}.") from error
+        config = read_json_file(config_path, RoutingError, folder=folder)
         if config.get("router") != cls.name:
             raise RoutingError(
-                f"{str(config_path)!r} describes router {config.get('router')!r}, not {cls.name!r}."
+                f"{str(config_path)!r} describes router {str(config.get('router'))[:40]!r} (field router), "
+                f"not {cls.name!r}."
             )
         allowed = {"temperature", "top_k", "level"}
         unknown = set(overrides) - allowed
         if unknown:
             raise RoutingError(f"Cannot override {format_choices(unknown)}; choices: {format_choices(allowed)}.")
         config.update(overrides)
-        gate = cls(
-            adapter_names=config["adapter_names"],
-            hidden_size=config["hidden_size"],
-            hidden_layer=config["hidden_layer"],
-            level=config.get("level", "sequence"),
-            mlp_hidden=config.get("mlp_hidden", 0),
-            temperature=config.get("temperature", 1.0),
-            top_k=config.get("top_k", 1),
-            dropout=config.get("dropout", 0.0),
-            metadata=config.get("metadata") or {},
-        )
+        settings = _gate_settings(config, str(config_path))
+        check_inside_folder(folder, weights_path, RoutingError)
         try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise RoutingError(f"{str(weights_path)!r} is not a readable safetensors file: {error}.") from error
-        expected = gate.head.state_dict()
-        if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+            tensors, _ = read_safetensors(weights_path, float_only=True)
+        except AdapterFormatError as error:
+            raise RoutingError(str(error)) from error
+        check_finite(tensors, repr(str(weights_path)), RoutingError)
+        hidden, mlp, count = settings["hidden_size"], settings["mlp_hidden"], len(settings["adapter_names"])
+        expected = {"feature_mean": (hidden,), "feature_std": (hidden,)}
+        layers = [(hidden, mlp, "net.0"), (mlp, count, "net.2")] if mlp > 0 else [(hidden, count, "net")]
+        for fan_in, fan_out, name in layers:
+            expected[f"{name}.weight"], expected[f"{name}.bias"] = (fan_out, fan_in), (fan_out,)
+        found = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+        if found != expected:  # checked before the head is built: a hostile size never allocates
             raise RoutingError(
-                f"{str(weights_path)!r} does not match {CONFIG_NAME} (tensors "
-                f"{format_choices(tensors)}, expected {format_choices(expected)} with matching shapes)."
+                f"{str(weights_path)!r} does not match {CONFIG_NAME} (fields hidden_size={hidden}, "
+                f"mlp_hidden={mlp}, {count} adapter_names): tensors {found}, expected {expected}. "
+                f"Save the gate again (gate.save(folder))."
             )
+        if float(tensors["feature_std"].min()) <= 0:
+            raise RoutingError(f"{str(weights_path)!r}: tensor 'feature_std' must be > 0 everywhere (it divides).")
+        gate = cls(**settings)
         gate.head.load_state_dict(tensors)
         return gate.eval()

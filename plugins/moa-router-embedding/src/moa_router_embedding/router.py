@@ -26,7 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moa.errors import RoutingError
+from moa.adapters.file_checks import check_finite, check_inside_folder, read_json_file
+from moa.adapters.peft_format import read_safetensors
+from moa.errors import AdapterFormatError, RoutingError
 from moa.routing import Router, RoutingDecision, RoutingRequest
 
 logger = logging.getLogger(__name__)
@@ -282,32 +284,47 @@ class EmbeddingRouter(Router):
         Raises:
             RoutingError: Missing, malformed or mismatched files.
         """
-        from safetensors.torch import load_file
-
         path = Path(directory)
+        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for needed in (config_path, weights_path):
+            if not needed.exists():
+                raise RoutingError(f"{str(path)!r} is not an EmbeddingRouter folder: {needed.name} is "
+                                   f"missing (expected {CONFIG_NAME} and {WEIGHTS_NAME}).")
+        config = read_json_file(config_path, RoutingError, folder=path)
+        if config.get("router") != cls.name:
+            raise RoutingError(f"{str(config_path)!r} holds a {str(config.get('router'))[:40]!r} router "
+                               f"(field router), not {cls.name!r}.")
+        version = config.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            raise RoutingError(f"{str(config_path)!r} has format_version {str(version)[:40]}; this "
+                               f"moa-router-embedding reads integers up to {FORMAT_VERSION}. Upgrade it.")
+        names = config.get("adapter_names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise RoutingError(f"{str(config_path)!r}: field adapter_names = {str(names)[:60]!r} must be a list of "
+                               f"distinct adapter names.")
+        check_inside_folder(path, weights_path, RoutingError)
         try:
-            config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-            tensors = load_file(str(path / WEIGHTS_NAME))
-        except FileNotFoundError as error:
-            raise RoutingError(f"{str(path)!r} is not an EmbeddingRouter folder: {error.filename} is "
-                               f"missing (expected {CONFIG_NAME} and {WEIGHTS_NAME}).") from error
-        except Exception as error:  # json and safetensors raise several types for corrupt files
-            raise RoutingError(f"Could not read the EmbeddingRouter in {str(path)!r}: "
-                               f"{type(error).__name__}: {error}.") from error
-        if not isinstance(config, dict) or config.get("router") != cls.name:
-            found = config.get("router") if isinstance(config, dict) else type(config).__name__
-            raise RoutingError(f"{str(path / CONFIG_NAME)!r} holds a {found!r} router, not {cls.name!r}.")
-        if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise RoutingError(f"{str(path)!r} has format_version {config['format_version']}; this "
-                               f"moa-router-embedding reads up to {FORMAT_VERSION}. Upgrade it.")
-        names = list(config.get("adapter_names", []))
+            tensors, _ = read_safetensors(weights_path, float_only=True)
+        except AdapterFormatError as error:
+            raise RoutingError(f"Could not read the EmbeddingRouter in {str(path)!r}: {error}") from error
+        check_finite(tensors, repr(str(weights_path)), RoutingError)
         centroids = tensors.get("centroids")
-        if centroids is None or (names and tuple(centroids.shape[:1]) != (len(names),)):
-            raise RoutingError(f"{str(path / WEIGHTS_NAME)!r} must hold 'centroids' of shape "
+        if centroids is None or centroids.dim() != 2 or tuple(centroids.shape[:1]) != (len(names),):
+            raise RoutingError(f"{str(weights_path)!r} must hold 'centroids' of shape "
                                f"[{len(names)}, H] for adapters {names}.")
-        return cls({n: centroids[i] for i, n in enumerate(names)}, hidden_layer=config["hidden_layer"],
-                   top_k=config["top_k"], temperature=config["temperature"],
-                   min_similarity=config.get("min_similarity"))
+        missing = [key for key in ("hidden_layer", "top_k", "temperature") if key not in config]
+        if missing:
+            raise RoutingError(f"{str(config_path)!r} lacks field(s) {', '.join(missing)}. Save the router again.")
+        min_similarity = config.get("min_similarity")
+        if min_similarity is not None and not (isinstance(min_similarity, (int, float)) and not
+                                               isinstance(min_similarity, bool) and math.isfinite(min_similarity)):
+            raise RoutingError(f"{str(config_path)!r}: field min_similarity = {str(min_similarity)[:40]!r} must "
+                               f"be a finite number or null.")
+        try:
+            return cls({n: centroids[i] for i, n in enumerate(names)}, hidden_layer=config["hidden_layer"],
+                       top_k=config["top_k"], temperature=config["temperature"], min_similarity=min_similarity)
+        except RoutingError as error:
+            raise RoutingError(f"{str(config_path)!r}: {error}") from error
 
     def __repr__(self) -> str:
         return (f"EmbeddingRouter(adapters={list(self.centroids)}, hidden_layer={self.hidden_layer}, "

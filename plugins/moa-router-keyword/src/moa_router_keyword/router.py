@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from moa.adapters.file_checks import read_json_file
 from moa.errors import RoutingError
 from moa.routing import Router, RoutingDecision, RoutingRequest
 
@@ -276,22 +277,27 @@ class KeywordRouter(Router):
             RoutingError: Missing or malformed ``router_config.json``, or another router's folder.
         """
         config_path = Path(directory) / CONFIG_NAME
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as error:
+        if not config_path.exists():
             raise RoutingError(f"{str(config_path)!r} does not exist; save a KeywordRouter there "
-                               f"first (router.save(folder)).") from error
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RoutingError(f"{str(config_path)!r} is not valid JSON: {error}.") from error
-        if not isinstance(config, dict) or config.get("router") != cls.name:
-            found = config.get("router") if isinstance(config, dict) else type(config).__name__
-            raise RoutingError(f"{str(config_path)!r} holds a {found!r} router, not {cls.name!r}.")
-        if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise RoutingError(f"{str(config_path)!r} has format_version {config['format_version']}; "
-                               f"this moa-router-keyword reads up to {FORMAT_VERSION}. Upgrade it.")
-        return cls(config.get("rules", []), mode=config.get("mode", "first"),
-                   default=config.get("default"), normalize=config.get("normalize", False),
-                   case_sensitive=config.get("case_sensitive", False), tokenizer=tokenizer)
+                               f"first (router.save(folder)).")
+        config = read_json_file(config_path, RoutingError, folder=Path(directory))
+        if config.get("router") != cls.name:
+            raise RoutingError(f"{str(config_path)!r} holds a {str(config.get('router'))[:40]!r} router "
+                               f"(field router), not {cls.name!r}.")
+        version = config.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            raise RoutingError(f"{str(config_path)!r} has format_version {str(version)[:40]}; "
+                               f"this moa-router-keyword reads integers up to {FORMAT_VERSION}. Upgrade it.")
+        rules = config.get("rules", [])
+        if not isinstance(rules, list):
+            raise RoutingError(f"{str(config_path)!r}: field rules = {str(rules)[:60]!r} must be a list of "
+                               f"{{'pattern': regex, 'weights': {{adapter: weight}}}}.")
+        try:
+            return cls(rules, mode=config.get("mode", "first"), default=config.get("default"),
+                       normalize=config.get("normalize", False),
+                       case_sensitive=config.get("case_sensitive", False), tokenizer=tokenizer)
+        except RoutingError as error:
+            raise RoutingError(f"{str(config_path)!r}: {error}") from error
 
     def __repr__(self) -> str:
         return f"KeywordRouter(rules={len(self.rules)}, mode={self.mode!r}, default={self.default!r})"
