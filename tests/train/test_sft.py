@@ -1,12 +1,8 @@
-"""Adapter SFT: answer-only labels, the loss goes down, checkpointing, saving, DDP."""
+"""Adapter SFT: answer-only labels, the loss goes down, checkpointing, saving (DDP: test_distributed.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -117,28 +113,3 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_chat_model):
     assert any(g.abs().sum() > 0 for g in plain)
     for g1, g2 in zip(plain, recomputed, strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_cpu_processes_end_with_identical_adapters(tiny_base_dir, tmp_path):
-    """``moa train-adapter`` under torch.distributed.run (what accelerate launch runs), gloo, 2 ranks."""
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) + "\n" for e in toy_examples(8)))
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOA_KERNEL_BACKEND": "torch", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "moa.cli", "train-adapter", "--base", str(tiny_base_dir), "--quantization",
-           "none", "--train-file", str(data), "--steps", "3", "--rank", "4", "--batch-size", "2", "--first-layer",
-           "0", "--dev-limit", "0", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.loads((out / METRICS_NAME).read_text())
-    assert metrics["processes"] == 2 and metrics["global_batch"] == 4 and metrics["steps"] == 3
-    digests = metrics["rank_weight_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    assert (out / "adapter_model.safetensors").is_file()
