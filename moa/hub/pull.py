@@ -5,7 +5,8 @@ A pull resolves the revision to one commit, checks the Hub's file listing at tha
 the files moa needs with ``hf_hub_download`` at that exact commit, then checks every file
 against the hash the Hub listed (sha256 for LFS files, the git blob id otherwise) and,
 when given, against pinned sha256s. A file that fails is removed from the cache and
-nothing is returned. With ``HF_HUB_OFFLINE=1`` the files come from the HF cache, checked
+nothing is returned. Transient Hub failures (5xx, resets, timeouts) are retried, and a file
+cached under another hash than the listed one is refused (:mod:`moa.hub.download`). With ``HF_HUB_OFFLINE=1`` the files come from the HF cache, checked
 against the content-addressed blob names the cache keeps.
 
 Registry entries pull by name (:func:`pull_registered`): a Hub entry at its pinned commit and
