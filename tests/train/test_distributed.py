@@ -84,3 +84,44 @@ def test_fsdp_on_cpu_is_refused_by_accelerate(tiny_base_dir, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode != 0 and not (tmp_path / "fsdp").exists()
     assert "There are currently no available devices found, must be one of 'XPU', 'CUDA'" in proc.stderr
+
+
+#: What transformers' Trainer fills in a DeepSpeed config from its own arguments.
+TRAINER_AUTO_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "gradient_clipping", "bf16.enabled", "fp16.enabled", "zero_optimization.reduce_bucket_size",
+                     "zero_optimization.stage3_prefetch_bucket_size",
+                     "zero_optimization.stage3_param_persistence_threshold"}
+
+
+def _auto_keys(config: dict, prefix: str = "") -> set[str]:
+    found = set()
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found |= _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.add(prefix + key)
+    return found
+
+
+def test_deepspeed_configs_leave_to_trainer_only_what_it_fills(tmp_path):
+    """GPU-only (deepspeed is not installed here): the JSON is valid and every "auto" is one Trainer resolves."""
+    for stage in (2, 3):
+        config = json.loads((REPO / f"examples/deepspeed_zero{stage}.json").read_text())
+        assert config["zero_optimization"]["stage"] == stage
+        assert _auto_keys(config) <= TRAINER_AUTO_KEYS
+        launcher = (REPO / f"examples/accelerate_deepspeed_zero{stage}.yaml").read_text()
+        assert f"deepspeed_config_file: examples/deepspeed_zero{stage}.json" in launcher
+    assert json.loads((REPO / "examples/deepspeed_zero3.json").read_text())["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"] is True  # rank 0 can save the adapter
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    for stage in (2, 3):
+        ds = HfTrainerDeepSpeedConfig(json.loads((REPO / f"examples/deepspeed_zero{stage}.json").read_text()))
+        ds.trainer_config_process(TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                                    gradient_accumulation_steps=2, report_to="none"))
+        assert ds.config["gradient_accumulation_steps"] == 2
