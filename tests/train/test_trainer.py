@@ -145,3 +145,11 @@ def test_trainable_parameter_report_is_logged(tiny_base_dir, caplog):
         metrics, _ = _run(tiny_base_dir, SFTConfig(steps=1, batch_size=2, dev_limit=0))
     line = next(r.getMessage() for r in caplog.records if "trainable params" in r.getMessage())
     assert f"trainable params: {metrics['trainable_parameters']:,d}" in line and "trainable%" in line
+
+
+def test_adamw_bnb_8bit_trains_on_cpu(tiny_base_dir):
+    """bitsandbytes' 8-bit AdamW (not paged) runs on CPU through Trainer's --optim."""
+    metrics, weights = _run(tiny_base_dir, SFTConfig(steps=2, batch_size=2, lr=1e-2, optim="adamw_bnb_8bit",
+                                                     dev_limit=0))
+    assert metrics["config"]["optim"] == "adamw_bnb_8bit" and len(metrics["loss_curve"]) == 2
+    assert any(float(w.abs().sum()) > 0 for w in weights[1::2])  # lora_B moved off its zero init
