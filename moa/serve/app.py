@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moa.errors import MoaError, UnknownAdapterError
+from moa.model.adapter_bank import check_adapter_name
 from moa.serve import protocol
 from moa.serve.delivery import Delivery
 from moa.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
@@ -255,6 +256,7 @@ def create_app(
     async def load_lora_adapter(body: protocol.LoadAdapterRequest) -> dict[str, Any]:
         """Load (or replace) an adapter from a folder, Hub id (``@revision``) or registry name."""
         check_runtime_loading()
+        check_adapter_name(body.lora_name)  # a bad name is refused before any file or Hub access
         if body.lora_name in (served_model_name, AUTO):
             raise BadRequestError(f"lora_name {body.lora_name!r} is reserved (the base or the router); "
                                   f"pick another name.")
