@@ -70,3 +70,22 @@ def test_lm_mode_moves_the_gate_with_adapters_frozen(tiny_chat_model):
             assert torch.equal(v, adapters_before[k]), k
     assert not any(p.requires_grad for name in TOY_DOMAINS for layer in model.adapter_layers(name).values()
                    for p in layer.parameters())
+
+
+def test_lm_mode_on_trainer_checkpoints_only_the_gate_and_resumes(tiny_chat_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from moa.train.trainer import TRAINABLE_NAME
+
+    model = tiny_chat_model
+    add_random_adapters(model)
+    torch.manual_seed(0)
+    gate = LearnedGate(list(TOY_DOMAINS), model.config.hidden_size, dropout=0.0)
+    options = {"batch_size": 2, "lr": 1e-2, "progress": False, "gradient_accumulation_steps": 2,
+               "checkpoint_dir": tmp_path / "ckpt", "save_steps": 2}
+    first = train_gate_lm(model, gate, toy_examples(4), steps=2, **options)
+    saved = load_file(tmp_path / "ckpt" / "checkpoint-2" / TRAINABLE_NAME)
+    assert saved and all(k.startswith("gate.") for k in saved)  # never the base or the adapters
+    resumed = train_gate_lm(model, gate, toy_examples(4), steps=3, resume=True, **options)
+    assert len(first["loss_curve"]) == 2 and len(resumed["loss_curve"]) == 1 and resumed["trainer"] == \
+        "transformers.Trainer"
