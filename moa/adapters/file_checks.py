@@ -43,7 +43,8 @@ def check_inside_folder(folder: Path, path: Path, error_class: type[MoaError] = 
     """Refuse ``path`` (a file of ``folder``) if it links outside ``folder`` or is not a regular file.
 
     Links of a Hugging Face cache snapshot (``models--o--n/snapshots/<commit>/x`` ->
-    ``../../blobs/<hash>``) stay inside the repo's cache folder and are allowed.
+    ``../../blobs/<hash>``, also from subfolders of a snapshot) stay inside the repo's cache
+    folder and are allowed.
 
     Raises:
         UnsafeFileError: a symlink whose target is outside the folder (e.g. ``/etc/passwd``).
@@ -54,8 +55,10 @@ def check_inside_folder(folder: Path, path: Path, error_class: type[MoaError] = 
     folder_real = folder.resolve()
     target = path.resolve()
     allowed = [folder_real]
-    if folder_real.parent.name == "snapshots" and folder_real.parent.parent.name.startswith("models--"):
-        allowed.append(folder_real.parent.parent / "blobs")
+    for snapshot in (folder_real, *folder_real.parents):  # the folder may be a subfolder of a snapshot
+        if snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--"):
+            allowed.append(snapshot.parent.parent / "blobs")
+            break
     if path.is_symlink() and not any(target.is_relative_to(root) for root in allowed):
         raise UnsafeFileError(
             f"Refusing {str(path)!r}: it is a symlink to {str(target)!r}, outside the folder {str(folder)!r}. "
@@ -133,7 +136,7 @@ def check_config_ranks(config: Mapping[str, Any], max_rank: int, source: str) ->
                                     f"(a LoRA rank). Fix it or re-save the adapter.")
         if value > max_rank:
             raise AdapterShapeError(
-                f"{source}: field {where} = {value}, above the rank cap max_rank={max_rank}. Nothing was "
+                f"{source}: field {where} = {value}, above the rank cap {max_rank} (max_rank={max_rank}). Nothing was "
                 f"loaded. Pass a higher max_rank (MixtureModel.from_pretrained(..., max_rank=...)) if you "
                 f"trust this adapter."
             )

@@ -75,7 +75,7 @@ def load_and_use(model, folder: Path) -> None:
 
 @pytest.mark.parametrize("file_name", ["adapter_config.json", "moa.json"])
 @given(data=st.data())
-@fuzz_settings(ci_examples=250)
+@fuzz_settings(ci_examples=500)
 def test_fuzz_adapter_folder_json(fuzz_model, adapter_template, file_name, data):
     folder = fresh_copy(adapter_template)
     doc = json.loads((folder / file_name).read_text())
@@ -140,7 +140,7 @@ def router_templates(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", sorted(ROUTER_TEMPLATES))
 @given(data=st.data())
-@fuzz_settings(ci_examples=150)
+@fuzz_settings(ci_examples=300)
 def test_fuzz_router_config(fuzz_model, router_templates, kind, data):
     folder = fresh_copy(router_templates[kind])
     doc = json.loads((folder / "router_config.json").read_text())
@@ -179,7 +179,7 @@ MANIFEST = {
 
 
 @given(data=st.data())
-@fuzz_settings(ci_examples=400)
+@fuzz_settings(ci_examples=1000)
 def test_fuzz_mixture_manifest(data):
     content, field = file_content(data.draw, MANIFEST)
     try:
@@ -211,7 +211,7 @@ def registry_template(tmp_path_factory):
 
 
 @given(data=st.data())
-@fuzz_settings(ci_examples=150)
+@fuzz_settings(ci_examples=250)
 def test_fuzz_registry_entry(registry_template, data):
     import tomli_w
 
@@ -246,7 +246,7 @@ def test_fuzz_registry_entry(registry_template, data):
 
 
 @given(data=st.data())
-@fuzz_settings(ci_examples=120)
+@fuzz_settings(ci_examples=200)
 def test_fuzz_shipped_manifest(registry_template, data):
     import moa
 
