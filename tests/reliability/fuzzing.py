@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,13 @@ def damaged_text(draw: st.DrawFn, text: str) -> bytes:
     for _ in range(draw(st.integers(1, 4))):
         raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
     return bytes(raw)
+
+
+def fresh_copy(template: Path) -> Path:
+    """A copy of the folder ``template`` inside a new temporary folder (one per example)."""
+    target = Path(tempfile.mkdtemp(prefix="moa-fuzz-")) / template.name
+    shutil.copytree(template, target)
+    return target
 
 
 def dump_json(doc: Any) -> str:

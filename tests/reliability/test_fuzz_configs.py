@@ -29,6 +29,7 @@ from tests.reliability.fuzzing import (
     expect_clean,
     field_name,
     folder_digest,
+    fresh_copy,
     fuzz_settings,
     model_state,
     mutated_json,
@@ -42,13 +43,6 @@ else:  # pragma: no cover
 pytestmark = pytest.mark.timeout(300)
 
 HEX = "0123456789abcdef"
-
-
-def fresh_copy(template: Path) -> Path:
-    """A copy of ``template`` in a new temporary folder (one per example)."""
-    target = Path(tempfile.mkdtemp(prefix="moa-fuzz-")) / template.name
-    shutil.copytree(template, target)
-    return target
 
 
 def file_content(draw: st.DrawFn, doc: object) -> tuple[bytes, str | None]:

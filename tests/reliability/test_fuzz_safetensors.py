@@ -25,6 +25,7 @@ from moa.routing.learned_gate import LearnedGate
 from tests.reliability.fuzzing import (
     field_name,
     folder_digest,
+    fresh_copy,
     fuzz_settings,
     model_state,
     mutated_json,
@@ -81,12 +82,6 @@ def check_message(error: BaseException, file_name: str, field: str | None, conte
     assert file_name in str(error), str(error)
     if field and isinstance(error, AdapterFormatError):
         assert field in str(error) or "header" in str(error), f"field {field!r} not named: {error}"
-
-
-def fresh_copy(template: Path) -> Path:
-    target = Path(tempfile.mkdtemp(prefix="moa-fuzz-")) / template.name
-    shutil.copytree(template, target)
-    return target
 
 
 @given(data=st.data())
