@@ -19,12 +19,13 @@ from moa.data import arithmetic, code, french, icd, sql
 from moa.data.common import (
     COMPOSITE,
     DOMAINS,
+    SLOTS,
     SPLITS,
     DatasetFormatError,
     Example,
     UnknownDatasetError,
 )
-from moa.data.loading import load_composite, load_split
+from moa.data.loading import load_composite, load_slots, load_split
 from moa.data.scoring import score, score_many
 
 _MODULES = {"sql": sql, "arithmetic": arithmetic, "icd": icd, "french": french, "code": code}
@@ -49,11 +50,13 @@ __all__ = [
     "DOMAINS",
     "HELD_OUT_PHRASINGS",
     "PHRASINGS",
+    "SLOTS",
     "SPLITS",
     "DatasetFormatError",
     "Example",
     "UnknownDatasetError",
     "load_composite",
+    "load_slots",
     "load_split",
     "regenerate",
     "score",

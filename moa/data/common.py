@@ -24,6 +24,9 @@ DOMAINS: tuple[str, ...] = ("sql", "arithmetic", "icd", "french", "code")
 COMPOSITE = "composite"
 """Pseudo-domain of the prompts that need two domains at once (test only)."""
 
+SLOTS = "slots"
+"""Pseudo-domain of the slot tasks: answers whose segments belong to different domains."""
+
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 """The splits every domain has."""
 

@@ -20,14 +20,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moa.data.common import COMPOSITE, DOMAINS, UnknownDatasetError, write_jsonl
+from moa.data.common import COMPOSITE, DOMAINS, SLOTS, UnknownDatasetError, write_jsonl
 from moa.data.loading import files_root
 from moa.errors import format_choices
 
 logger = logging.getLogger(__name__)
 
-GENERATED: tuple[str, ...] = (*DOMAINS, COMPOSITE)
-"""Everything :func:`regenerate` can write: the domains and the composite set."""
+GENERATED: tuple[str, ...] = (*DOMAINS, COMPOSITE, SLOTS)
+"""Everything :func:`regenerate` can write: the domains, the composite set and the slot tasks."""
 
 
 def regenerate(domain: str, out_dir: str | Path) -> dict[str, str]:

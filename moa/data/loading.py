@@ -6,7 +6,7 @@ import functools
 import importlib.resources
 from typing import TYPE_CHECKING
 
-from moa.data.common import COMPOSITE, DOMAINS, SPLITS, DatasetFormatError, Example, UnknownDatasetError
+from moa.data.common import COMPOSITE, DOMAINS, SLOTS, SPLITS, DatasetFormatError, Example, UnknownDatasetError
 from moa.errors import format_choices
 
 if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; importlib.abc has it on 3.10
@@ -27,10 +27,10 @@ def split_resource(domain: str, split: str) -> Traversable:
     if domain == COMPOSITE:
         if split != "test":
             raise UnknownDatasetError(f"Unknown split {split!r} of the composite set. Splits: test.")
-    elif domain not in DOMAINS:
+    elif domain not in (*DOMAINS, SLOTS):
         raise UnknownDatasetError(
-            f"Unknown domain {domain!r}. Domains: {format_choices(DOMAINS)} (and {COMPOSITE!r}, "
-            "via load_composite())."
+            f"Unknown domain {domain!r}. Domains: {format_choices(DOMAINS)} (and {SLOTS!r}, and "
+            f"{COMPOSITE!r} via load_composite())."
         )
     elif split not in SPLITS:
         raise UnknownDatasetError(f"Unknown split {split!r}. Splits: {format_choices(SPLITS)}.")
@@ -79,3 +79,15 @@ def load_split(domain: str, split: str) -> list[Example]:
 def load_composite() -> list[Example]:
     """Load the composite prompts (domain ``"composite"``, test only; see :mod:`moa.data.composite`)."""
     return list(_read(COMPOSITE, "test"))
+
+
+def load_slots(split: str, task: str | None = None) -> list[Example]:
+    """Load one split of the slot tasks (see :mod:`moa.data.slots`), optionally one task only."""
+    examples = list(_read(SLOTS, split))
+    if task is None:
+        return examples
+    chosen = [e for e in examples if e.meta["task"] == task]
+    if not chosen:
+        tasks = sorted({e.meta["task"] for e in examples})
+        raise UnknownDatasetError(f"Unknown slot task {task!r}. Tasks: {format_choices(tasks)}.")
+    return chosen

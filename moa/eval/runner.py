@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from moa.routing.decision import Mixture
 from moa.routing.router import Router, RoutingRequest
 from moa.data.chat import answer_token_budget, chat_prompt, ensure_pad_token, pad_batch
+from moa.model.limits import context_length
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +190,16 @@ def _run_jobs(
         else:
             batches.append([i])
     bar = tqdm(total=len(jobs), desc=desc, unit="req", disable=not progress)
+    context = context_length(model.config)
     for batch in batches:
         inputs = pad_batch([cache[prompts[i]] for i in batch], tokenizer.pad_token_id, side="left")
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         routed = jobs[batch[0]].route == ROUTER
-        kwargs: dict[str, Any] = dict(max_new_tokens=max(jobs[i].budget for i in batch), do_sample=False,
+        # A budget never runs past the base's context (generate refuses that up front).
+        room = context - inputs["input_ids"].shape[1] if context else None
+        new_tokens = max(jobs[i].budget for i in batch)
+        kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens if room is None else max(1, min(new_tokens, room)),
+                                      do_sample=False,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         if not routed:
             kwargs["adapter_weights"] = [jobs[i].route for i in batch]

@@ -176,11 +176,17 @@ class GateObjective(torch.nn.Module):
                 rows: torch.Tensor, num_items_in_batch: Any = None) -> Any:
         """The mixture's output (with ``loss``) under the gate's soft weights over all its adapters."""
         model = self.mixture
-        decision = self.gate.decision_from_features(self.features[rows.cpu()].to(model.device), model.adapter_names,
-                                                    top_k=len(self.gate.gate_adapters))
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        if self.gate.level == "token":
+            # Decided in the same pass, on every position's own hidden state, with the gate's
+            # own top-k (as at inference); the weights stay on the autograd graph.
+            routing = {"adapter_names": ["auto"] * int(input_ids.shape[0]), "router": self.gate}
+        else:
+            decision = self.gate.decision_from_features(self.features[rows.cpu()].to(model.device),
+                                                        model.adapter_names, top_k=len(self.gate.gate_adapters))
+            routing = {"routing_decision": decision, "adapters_from_layer": self.gate.hidden_layer}
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
-                     routing_decision=decision, adapters_from_layer=self.gate.hidden_layer, **extra)
+                     **routing, **extra)
 
 
 def _gate_order(n_examples: int, batches: int, batch_size: int, seed: int) -> list[int]:
@@ -211,6 +217,10 @@ def train_gate_lm(
 ) -> dict[str, Any]:
     """Train the gate end to end through the LM loss of the frozen adapters' mixture (on Trainer).
 
+    A ``level="token"`` gate (LoRA-Flow's setting, arXiv 2402.11455) is trained as it runs:
+    inside the forward, on every position's hidden state, with its own ``top_k``; its input
+    standardisation comes from the prompts' per-token features.
+
     Each step: features of the prompts (cached partial pass, no gradient: they do not
     depend on the gate), soft weights over all of the gate's adapters, a forward of
     prompt + answer with those weights pinned from layer ``hidden_layer`` on, and the
@@ -231,9 +241,11 @@ def train_gate_lm(
     for p in frozen:
         p.requires_grad_(False)
     prompts = [e.prompt for e in examples]
-    features = collect_features(model, prompts, gate.hidden_layer, level="sequence")
+    features = collect_features(model, prompts, gate.hidden_layer, level=gate.level)
     if gate.head.feature_std.eq(1).all():
         gate.head.set_normalization(features)
+    if gate.level == "token":
+        features = features[:0]  # a token gate routes in the pass; only the standardisation needed them
     encoded = [encode_sft_example(tokenizer, e.prompt, e.answer, max_length) for e in examples]
     items = [{"input_ids": ids, "labels": labels, "rows": i} for i, (ids, labels) in enumerate(encoded)]
     objective = GateObjective(model, gate, features)
