@@ -84,7 +84,7 @@ _REQUIRED = {
 }
 _WANTED = {"adapter": ADAPTER_FILES, "router": ROUTER_FILES, "mixture": MIXTURE_FILES,
            "pretrained": PRETRAINED_FILES}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+")  # ASCII only, whole string (fullmatch)
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 #: What a failed push leaves behind, and the next step (a push is one commit).
 PUSH_NEXT_STEP = ("A push is one commit: the branch is still at its previous commit, or (if the Hub applied the "
@@ -123,7 +123,7 @@ def is_offline() -> bool:
 
 def check_repo_id(repo_id: object) -> str:
     """Return ``repo_id`` if it looks like ``owner/name``, else raise :class:`HubError`."""
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise HubError(
             f"{repo_id!r} is not a Hub repo id. Use 'owner/name' (letters, digits, '-', '_', '.'), "
             f"e.g. 'alice/sql-lora'."
@@ -535,11 +535,10 @@ def load_router_folder(folder: str | os.PathLike) -> Any | None:
     type raises :class:`~moa.errors.UnknownPluginError`). Returns ``None`` (with a log line) when the
     type is unknown or cannot load itself, so callers can still use the folder.
     """
+    from moa.adapters.file_checks import read_json_file
+
     path = Path(folder)
-    try:
-        config = json.loads((path / ROUTER_CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise AdapterFormatError(f"{str(path / ROUTER_CONFIG_NAME)!r} is not readable JSON: {error}.") from error
+    config = read_json_file(path / ROUTER_CONFIG_NAME, AdapterFormatError, folder=path)  # size, type, symlinks
     name = router_type_of(config)
     if name is None:
         logger.warning("%s names no router type ('router'); not instantiating it.", path / ROUTER_CONFIG_NAME)

@@ -19,6 +19,7 @@ import torch
 import moa
 from moa.errors import (
     AdapterFormatError,
+    HubError,
     AdapterNameError,
     AdapterShapeError,
     BaseModelError,
@@ -288,3 +289,12 @@ def test_a_base_asking_to_run_its_code_is_refused(tiny_base_dir, tmp_path, key):
 def test_every_refusal_is_a_moa_error():
     for error in (AdapterNameError, InputLimitError, UnsafeFileError, ManifestError, BaseModelError):
         assert issubclass(error, MoaError)
+
+
+@pytest.mark.parametrize("repo_id", ["alice/sql\n", "alice/\u0455ql", "alice/sql lora", "\u0430lice/sql"])
+def test_hub_repo_ids_are_ascii_and_whole(repo_id):
+    """A trailing newline or a look-alike letter never passes for a Hub repo id."""
+    from moa.hub.pull import check_repo_id
+
+    with pytest.raises(HubError, match="is not a Hub repo id"):
+        check_repo_id(repo_id)
