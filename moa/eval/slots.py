@@ -1,33 +1,24 @@
-"""The slot-task evaluation: does a learned per-token gate beat picking one adapter?
+"""Scoring the slot tasks: every routing configuration, a per-token gate's agreement, the heatmap.
 
-Run it with ``python -m moa.eval.slots --out benchmarks/results/slots`` (``--help`` lists
-the knobs). It loads the NF4 default base with the shipped adapters and gate, trains a
-per-token gate (:func:`moa.train.router.train_gate_lm` on a ``level="token"``
-:class:`~moa.routing.LearnedGate`, base and adapters frozen) on N composite examples per
-switching task plus as many replayed single-domain examples, then scores every
-configuration on the slot test sets by teacher-forced exact match
-(:mod:`moa.eval.teacher_forced`: greedy decoding writes the gold answer iff every answer
-position's argmax is the gold token). It writes ``slots.json`` (per task and config
-accuracy, paired-bootstrap intervals of the gate against the best non-oracle baseline,
-the gate's agreement with segment ownership, timings), ``slots.md`` and a tokens ×
-adapters heatmap of the gate's weights on a few answers (``slots_heatmap.png``).
+The pieces of the comparison that ``benchmarks/slots_mixing.py`` runs (it trains the
+per-token gate, which this package does not import): the configurations compared
+(:func:`configurations`), per-task accuracy and the paired bootstrap of the gate against
+the best non-oracle baseline (:func:`summarise`), the share of answer positions where the
+gate's top adapter owns the token being predicted (:func:`ownership_agreement`), the
+tokens × adapters heatmap (:func:`heatmap`) and the Markdown table (:func:`render_markdown`).
+Scoring is teacher-forced exact match (:mod:`moa.eval.teacher_forced`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import random
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moa.data import DOMAINS, load_slots, load_split
-from moa.data.slots import SWITCH_TASKS, TASKS, training_set
+from moa.data.slots import TASKS
 from moa.eval.teacher_forced import (
     RoutingPlan,
     explicit_rows,
@@ -36,19 +27,11 @@ from moa.eval.teacher_forced import (
     position_owners,
     routed_rows,
     teacher_forced_exact,
-    teacher_forced_scores,
 )
 from moa.routing.decision import RoutingDecision
 from moa.routing.router import Router, RoutingRequest
 
 logger = logging.getLogger(__name__)
-
-
-def replay_examples(n: int, seed: int) -> list[Any]:
-    """``n`` single-domain training examples, round-robin over the domains (seeded)."""
-    rng = random.Random(seed)
-    pools = {d: rng.sample(load_split(d, "train"), n) for d in DOMAINS}
-    return [pools[DOMAINS[i % len(DOMAINS)]][i // len(DOMAINS)] for i in range(n)]
 
 
 def by_task(examples: Sequence[Any], hits: Sequence[bool]) -> dict[str, float]:
@@ -157,7 +140,7 @@ def summarise(examples: Sequence[Any], results: Mapping[str, list[bool]]) -> dic
     """Per task: every configuration's accuracy, and the gate against the best non-oracle baseline."""
     table = {name: by_task(examples, hits) for name, hits in results.items()}
     comparison = {}
-    for task in TASKS:
+    for task in [t for t in TASKS if any(e.meta["task"] == t for e in examples)]:
         index = [i for i, e in enumerate(examples) if e.meta["task"] == task]
         baselines = {n: table[n][task] for n in table if n not in ("token_gate", "oracle_switch")}
         best = max(baselines, key=baselines.get)
@@ -183,83 +166,3 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {task} | {c['best_baseline']} ({100 * c['best_baseline_accuracy']:.1f}) | "
                      f"{100 * c['gate_minus_best']:+.1f} | [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] |")
     return "\n".join(lines) + "\n"
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the per-token gate and score every configuration (see the module docstring)."""
-    import moa
-    from moa.eval.assets import load_adapters, router_dir, shipped_adapters_dir
-    from moa.routing.learned_gate import LearnedGate
-    from moa.train.router import train_gate_lm
-
-    torch.manual_seed(args.seed)
-    model = moa.MixtureModel.from_pretrained("default", quantization="nf4")
-    load_adapters(model, shipped_adapters_dir())
-    sequence_gate = LearnedGate.load(router_dir(shipped_adapters_dir()))
-    test = [e for e in load_slots("test") if e.meta["task"] in args.tasks]
-    per_task: dict[str, int] = {}
-    test = [e for e in test if per_task.setdefault(e.meta["task"], 0) < args.test_items
-            and not per_task.__setitem__(e.meta["task"], per_task[e.meta["task"]] + 1)]
-    composite = training_set(load_slots("train"), args.n)
-    examples = composite + replay_examples(len(composite), args.seed)
-    gate = LearnedGate(model.adapter_names, model.config.hidden_size, hidden_layer=2, level="token",
-                       top_k=args.top_k, mlp_hidden=args.mlp_hidden, dropout=0.0)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    training = train_gate_lm(model, gate, examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, progress=not args.quiet)
-    timings["train_gate"] = time.perf_counter() - start
-    gate.metadata.update({"training": training, "composite_per_task": args.n, "replayed": len(examples) - len(composite)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gate.save(out / f"token_gate_n{args.n}_seed{args.seed}")
-    results: dict[str, list[bool]] = {}
-    token_accuracy: dict[str, dict[str, float]] = {}
-    for name, plan in configurations(model, sequence_gate, gate).items():
-        if args.only and name not in args.only:
-            continue
-        start = time.perf_counter()
-        results[name], shares = teacher_forced_scores(model, test, plan, batch_size=args.batch_size * 2,
-                                                      progress=not args.quiet, desc=name)
-        token_accuracy[name] = by_task(test, shares)
-        timings[name] = time.perf_counter() - start
-        logger.info("%s: %s (%.0f s)", name, by_task(test, results[name]), timings[name])
-    agreement = ownership_agreement(model, gate, [e for e in test if e.meta["task"] in SWITCH_TASKS])
-    result = {"n_per_task": args.n, "seed": args.seed, "test_items_per_task": args.test_items,
-              "gate": {"parameters": sum(p.numel() for p in gate.head.parameters()), "top_k": args.top_k,
-                       "hidden_layer": 2, "training": training},
-              "summary": summarise(test, results), "token_accuracy": token_accuracy, "ownership_agreement": agreement["agreement"],
-              "agreement_positions": agreement["positions"], "seconds": {k: round(v, 1) for k, v in timings.items()},
-              "predictions": {name: [int(h) for h in hits] for name, hits in results.items()},
-              "test_ids": [e.id for e in test]}
-    tag = f"n{args.n}_seed{args.seed}"
-    (out / f"slots_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"slots_{tag}.md").write_text(render_markdown(result))
-    heatmap(agreement["samples"], out / f"slots_heatmap_{tag}.png")
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m moa.eval.slots", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/slots", help="folder for the JSON, Markdown and PNG")
-    parser.add_argument("--n", type=int, default=64, help="composite training examples per switching task (16, 64, 256)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=120, help="gate training steps")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--top-k", type=int, default=2, help="adapters per token (<= 2 uses the weighted kernels)")
-    parser.add_argument("--mlp-hidden", type=int, default=64, help="gate head width (64: ~37 k parameters)")
-    parser.add_argument("--test-items", type=int, default=200, help="test items per task (the sets have 200)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--only", nargs="*", default=None, help="score only these configurations")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(args)
-    print(render_markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
