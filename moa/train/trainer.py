@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from moa.errors import MoaError
+
 logger = logging.getLogger(__name__)
 
 TRAINABLE_NAME = "trainable.safetensors"
@@ -132,7 +134,9 @@ class TrainableCheckpoints:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{resume_from_checkpoint!r} is not a moa checkpoint: {TRAINABLE_NAME} is missing.")
         if self.is_fsdp_enabled:
-            raise NotImplementedError("Resuming an FSDP run is not supported: start it again, or resume under DDP.")
+            raise MoaError(f"Cannot resume {resume_from_checkpoint!r} under FSDP: moa's checkpoints hold the "
+                           "adapter unsharded. Start the run again, or resume it under DDP (accelerate launch "
+                           "without the FSDP config).")
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         tensors = load_file(path)
         params = {name: p for name, p in target.named_parameters() if p.requires_grad}
