@@ -101,7 +101,8 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         )
     model = moa.MixtureModel.from_pretrained(args.base, quantization=None if args.quantization == "none" else "nf4")
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    deterministic=args.deterministic, max_prompt_tokens=args.max_prompt_tokens)
+                    deterministic=args.deterministic, max_prompt_tokens=args.max_prompt_tokens,
+                    max_prefill_tokens=args.max_prefill_tokens)
     cache = AdapterCache(engine, model, max_loras=args.max_loras, allow_runtime_loading=args.allow_runtime_loading,
                          pinned=set(routed))
     order = routed + [n for n in modules if n not in routed]  # the router's adapters first: pinned, resident
@@ -199,10 +200,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open)")
     p.add_argument("--deterministic", action="store_true",
-                   help="decode each request alone: answers bit-identical to model.generate of that request, "
+                   help="prefill and decode each request alone: answers bit-identical to model.generate of that request, "
                         "at the cost of batching")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the base's context minus 1); longer get 400")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens of newly admitted requests prefilled together in one packed forward, at "
+                        "most; lower it to shorten the pause new requests cause the running ones (default %(default)s)")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="largest request body accepted, in bytes; larger get 413 (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,

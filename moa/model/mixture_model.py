@@ -491,7 +491,9 @@ class MixtureModel(nn.Module):
                 trained passes its differentiable one), applied from ``adapters_from_layer`` on.
             adapters_from_layer: See ``routing_decision``; one layer per row is allowed (at
                 most two distinct values, the smaller 0), so a router-decided row pinned for
-                later steps keeps the router's layer while named rows use every layer.
+                later steps keeps the router's layer while named rows use every layer. With a
+                token-level decision, one layer per token is allowed too (several requests
+                packed into one sequence, as the serving engine's prefill does).
             **kwargs: Passed to the transformers model (``labels``, ``past_key_values``...).
 
         With none of these, the router decides every row (if one is set), else the

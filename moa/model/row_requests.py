@@ -84,19 +84,24 @@ def _pinned_plan(
     if isinstance(from_layer, int):
         return CallPlan(explicit=None, late=decision, split_layer=int(from_layer), enabled=enabled)
     layers = [int(layer) for layer in from_layer]
-    check_rows("adapters_from_layer", len(layers), batch)
+    # one layer per row, or one per token of a token-level decision (rows packed in one sequence)
+    per_token = decision.level == "token" and len(layers) == decision.ids.shape[0]
+    if not per_token:
+        check_rows("adapters_from_layer", len(layers), batch)
     distinct = sorted(set(layers))
     if len(distinct) == 1:
         return CallPlan(explicit=None, late=decision, split_layer=distinct[0], enabled=enabled)
-    if len(distinct) > 2 or distinct[0] != 0 or decision.level != "row":
+    if len(distinct) > 2 or distinct[0] != 0 or (decision.level != "row" and not per_token):
         raise RoutingError(
-            f"adapters_from_layer per row takes at most two distinct layers, the smaller 0, with a "
-            f"row-level decision; got layers {distinct} and a {decision.level}-level decision."
+            f"adapters_from_layer takes at most two distinct layers, the smaller 0, one per row of a "
+            f"row-level decision or one per token of a token-level one; got layers {distinct} and a "
+            f"{decision.level}-level decision for {decision.ids.shape[0]} rows/tokens."
         )
-    late_rows = torch.tensor([layer > 0 for layer in layers], device=decision.ids.device)
+    late_entries = torch.tensor([layer > 0 for layer in layers], device=decision.ids.device)
     early = RoutingDecision(
-        decision.ids.masked_fill(late_rows[:, None], -1),
-        decision.weights.masked_fill(late_rows[:, None], 0.0),
+        decision.ids.masked_fill(late_entries[:, None], -1),
+        decision.weights.masked_fill(late_entries[:, None], 0.0),
+        level=decision.level,
     )
     return CallPlan(explicit=early, late=decision, split_layer=distinct[1], enabled=enabled)
 

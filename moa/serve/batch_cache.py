@@ -47,7 +47,8 @@ def prefill_inputs(prompt_ids: Sequence[int], device: torch.device) -> dict[str,
     }
 
 
-def _layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the cache's ``(keys, values)`` ``[batch, kv_heads, seq, head_dim]``."""
     tensors = []
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
@@ -88,8 +89,15 @@ class BatchCache:
     @classmethod
     def from_row(cls, cache: Any) -> BatchCache:
         """A batch of one row (its prefilled cache)."""
-        keys = _layer_tensors(cache)[0][0]
-        return cls(cache, torch.ones(1, keys.shape[-2], dtype=torch.long, device=keys.device))
+        return cls.from_rows([layer_tensors(cache)])
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> BatchCache:
+        """A batch of prefilled rows (per row, per layer ``(keys, values)`` of batch 1)."""
+        keys = rows[0][0][0]
+        batch = cls(None, torch.zeros(0, 0, dtype=torch.long, device=keys.device))
+        batch.join_rows(rows)
+        return batch
 
     @property
     def size(self) -> int:
@@ -98,17 +106,27 @@ class BatchCache:
 
     def join(self, cache: Any) -> None:
         """Append one row's prefilled cache as the last row."""
-        mine, theirs = _layer_tensors(self.cache), _layer_tensors(cache)
-        row_len = theirs[0][0].shape[-2]
-        length = max(self.mask.shape[1], row_len)
-        stacked = [
-            (torch.cat([_pad_left(k, length), _pad_left(rk, length)]),
-             torch.cat([_pad_left(v, length), _pad_left(rv, length)]))
-            for (k, v), (rk, rv) in zip(mine, theirs, strict=True)
-        ]
-        row_mask = torch.ones(1, row_len, dtype=self.mask.dtype, device=self.mask.device)
-        self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)),
-                               F.pad(row_mask, (length - row_len, 0))])
+        self.join_rows([layer_tensors(cache)])
+
+    def join_rows(self, rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Append prefilled rows (per row, per layer ``(keys, values)`` of batch 1), in order.
+
+        The whole stack is rebuilt once, however many rows join.
+        """
+        lengths = [row[0][0].shape[-2] for row in rows]
+        length = max([self.mask.shape[1], *lengths])
+        mine = layer_tensors(self.cache) if self.cache is not None else None
+        stacked = []
+        for index in range(len(rows[0])):
+            keys = [_pad_left(row[index][0], length) for row in rows]
+            values = [_pad_left(row[index][1], length) for row in rows]
+            if mine is not None:
+                keys.insert(0, _pad_left(mine[index][0], length))
+                values.insert(0, _pad_left(mine[index][1], length))
+            stacked.append((torch.cat(keys), torch.cat(values)))
+        new_masks = [F.pad(torch.ones(1, n, dtype=self.mask.dtype, device=self.mask.device), (length - n, 0))
+                     for n in lengths]
+        self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)), *new_masks])
         self.cache = _cache_from(stacked)
 
     def keep(self, rows: Sequence[int]) -> None:
@@ -120,7 +138,7 @@ class BatchCache:
         self.mask = mask[:, start:]
         self.cache = _cache_from([
             (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-            for k, v in _layer_tensors(self.cache)
+            for k, v in layer_tensors(self.cache)
         ])
 
     def step_inputs(

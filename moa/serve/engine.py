@@ -7,15 +7,17 @@ the longest. Each step:
 1. run the admin calls queued by the app (adapter load/unload) — between two steps, so
    no forward ever sees the bank change under it;
 2. drop cancelled rows (a client that went away);
-3. admit queued requests up to ``max_batch_size``: each is prefilled alone (its own KV
-   cache, exactly the ops of ``model.generate`` on that request alone) and its first token
-   sampled; a request asking for the router gets its decision here, once, from its prompt;
+3. admit queued requests up to ``max_batch_size``: the requests admitted together are
+   prefilled in ONE forward, their prompts packed end to end without padding
+   (:mod:`moa.serve.packing`; a lone request gets exactly the ops of ``model.generate`` on
+   it alone), and each one's first token is sampled; a request asking for the router gets
+   its decision here, once, from its prompt alone;
 4. decode one token for every running row in ONE forward: the rows' KV caches live in one
    left-padded batch cache (joined when a row arrives, sliced when one leaves), each row
    keeps its own routing (named, weighted or routed — moa's per-row routing puts them in
    one batch) and its own positions.
 
-``deterministic=True`` decodes each row alone instead (batch 1, its own cache): every
+``deterministic=True`` prefills and decodes each row alone instead (batch 1, its own cache): every
 answer is then bit-identical to ``model.generate`` of that request alone, whatever else
 is running, at the cost of batching (measured in ``benchmarks/serve_load.py``).
 """
@@ -34,7 +36,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from moa.serve.batch_cache import BatchCache, cache_argument, new_cache, prefill_inputs
+from moa.serve import packing
+from moa.serve.batch_cache import BatchCache, cache_argument, layer_tensors, new_cache, prefill_inputs
 from moa.serve.requests import (
     BadRequestError,
     Completion,
@@ -138,6 +141,9 @@ class Engine:
         max_queue: Requests waiting at most; more are refused (:class:`OverloadedError`).
         deterministic: Decode each row alone (answers bit-identical to ``generate`` alone).
         max_prompt_tokens: Longest prompt accepted (default: the base's context minus 1).
+        max_prefill_tokens: Prompt tokens prefilled together in one packed forward at most
+            (a longer prompt is prefilled alone); bounds how long one admission stalls the
+            running rows' decoding.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class Engine:
         max_queue: int = 64,
         deterministic: bool = False,
         max_prompt_tokens: int | None = None,
+        max_prefill_tokens: int = 2048,
     ):
         if max_batch_size < 1:
             raise BadRequestError(f"max_batch_size must be >= 1; got {max_batch_size}.")
@@ -158,19 +165,24 @@ class Engine:
         context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_context = context
         self.max_prompt_tokens = min(int(max_prompt_tokens or context - 1), context - 1)
+        if max_prefill_tokens < 1:
+            raise BadRequestError(f"max_prefill_tokens must be >= 1; got {max_prefill_tokens}.")
+        self.max_prefill_tokens = int(max_prefill_tokens)
         self.eos_ids = _eos_ids(model)
         self._cache_key = cache_argument(model)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Row] = collections.deque()
         self._admin: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._running: list[Row] = []
-        self._admitting: Row | None = None  # popped from the queue, being prefilled
+        self._admitting: list[Row] = []  # popped from the queue, being prefilled
         self._batch: BatchCache | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._cancel_on_stop = False
         self._dead: BaseException | None = None
         self.steps = 0
+        self.prefill_forwards = 0  # prefill forwards run (a packed one counts once)
+        self.prefilled_requests = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -265,17 +277,18 @@ class Engine:
         """Adapter -> number of waiting and running requests that use it."""
         counts: dict[str, int] = collections.Counter()
         with self._cond:
-            rows = [*self._waiting, *self._running, *([self._admitting] if self._admitting else [])]
+            rows = [*self._waiting, *self._running, *self._admitting]
         for row in rows:
             for name in row.adapters():
                 counts[name] += 1
         return dict(counts)
 
     def stats(self) -> dict[str, int]:
-        """Queue depth, running rows, batch size cap, steps so far."""
+        """Queue depth, running rows, batch size cap, decode steps and prefill forwards so far."""
         with self._cond:
             return {"queued": len(self._waiting), "running": len(self._running),
-                    "max_batch_size": self.max_batch_size, "steps": self.steps}
+                    "max_batch_size": self.max_batch_size, "steps": self.steps,
+                    "prefill_forwards": self.prefill_forwards, "prefilled_requests": self.prefilled_requests}
 
     def running_adapters(self) -> tuple[list[str], list[str]]:
         """(adapters of running rows, adapters of waiting rows), for the LoRA info gauge."""
@@ -326,42 +339,123 @@ class Engine:
     def _admit(self) -> None:
         while len(self._running) < self.max_batch_size:
             with self._cond:
-                if not self._waiting:
+                rows = self._take_waiting(self.max_batch_size - len(self._running))
+                if not rows:
                     return
-                row = self._admitting = self._waiting.popleft()  # still counted by in_use()
-            cache = None
+                self._admitting = rows  # still counted by in_use()
+            prefilled = self._prefill(rows)
+            with self._cond:
+                self._admitting = []
+                admitted = [(row, kv) for row, kv in zip(rows, prefilled, strict=True)
+                            if kv is not None and not row.finished]
+                self._running.extend(row for row, _ in admitted)
+            if not admitted:
+                continue
+            if self.deterministic:
+                for row, kv in admitted:
+                    row.cache = kv
+            elif self._batch is None:
+                self._batch = BatchCache.from_rows([kv for _, kv in admitted])
+            else:
+                self._batch.join_rows([kv for _, kv in admitted])
+
+    def _take_waiting(self, free: int) -> list[Row]:
+        """Pop the requests to prefill together: up to ``free`` rows and the token budget
+        (always at least one); one at a time in deterministic mode. Caller holds the lock."""
+        rows: list[Row] = []
+        tokens = 0
+        limit = 1 if self.deterministic else free
+        while self._waiting and len(rows) < limit:
+            size = len(self._waiting[0].request.prompt_ids)
+            if rows and tokens + size > self.max_prefill_tokens:
+                break
+            rows.append(self._waiting.popleft())
+            tokens += size
+        return rows
+
+    def _prefill(self, rows: list[Row]) -> list[Any]:
+        """Prefill ``rows`` and pick each one's first token.
+
+        Returns, per row, its KV cache (the row's own ``DynamicCache`` in deterministic mode,
+        else its per-layer keys/values), or ``None`` for a row that was cancelled or failed.
+        Several rows are prefilled in one packed forward; if that forward fails, each row is
+        retried alone, so one bad request never fails the others.
+        """
+        live: list[Row] = []
+        for row in rows:
             try:
                 if row.handle.cancelled.is_set():
                     row.finish("cancelled")
-                else:
-                    cache = self._prefill(row)
-            except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
-                logger.warning("Request %s failed in prefill: %s", row.request_id, error)
-                row.handle.finish(None, error)
-            with self._cond:
-                self._admitting = None
-                if cache is None or row.finished:
                     continue
-                self._running.append(row)
-            if self.deterministic:
-                row.cache = cache
-            elif self._batch is None:
-                self._batch = BatchCache.from_row(cache)
-            else:
-                self._batch.join(cache)
+                row.start_prefill()
+                self._decide(row)
+                live.append(row)
+            except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
+                self._fail(row, error)
+        caches: dict[int, Any] = {}
+        if len(live) > 1:
+            try:
+                caches = dict(zip(map(id, live), self._prefill_packed(live), strict=True))
+            except Exception as error:  # noqa: BLE001 - retried one by one below
+                logger.warning("A packed prefill of %d requests failed (%s); prefilling them one by one.",
+                               len(live), error)
+        for row in live:
+            if id(row) in caches or row.finished:
+                continue
+            try:
+                cache = self._prefill_alone(row)
+                caches[id(row)] = cache if self.deterministic else layer_tensors(cache)
+            except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
+                self._fail(row, error)
+        return [caches.get(id(row)) for row in rows]
 
-    def _prefill(self, row: Row) -> Any:
-        model = self.model
-        row.start_prefill()
-        inputs = prefill_inputs(row.request.prompt_ids, model.device)
-        if row.request.routing.auto:  # decided once from the prompt, exactly as inside generate's prefill
+    @staticmethod
+    def _fail(row: Row, error: Exception) -> None:
+        logger.warning("Request %s failed in prefill: %s", row.request_id, error)
+        if not row.finished:
+            row.finished = True
+            row.handle.finish(None, error)
+
+    def _decide(self, row: Row) -> None:
+        """The router's decision for an ``auto`` row, made once from its prompt alone, exactly
+        as inside ``generate``'s prefill."""
+        if row.request.routing.auto:
+            model = self.model
+            inputs = prefill_inputs(row.request.prompt_ids, model.device)
             mixture = model.route(inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
             row.set_decided(mixture, int(model.router.hidden_layer or 0))
+
+    def _prefill_alone(self, row: Row) -> Any:
+        """The ops of ``model.generate``'s prefill on this request alone; returns its cache."""
+        model = self.model
+        inputs = prefill_inputs(row.request.prompt_ids, model.device)
         cache = new_cache(model)
         out = model(**inputs, **{self._cache_key: cache}, use_cache=True, logits_to_keep=1,
                     **row.routing_kwargs(model))
+        self.prefill_forwards += 1
+        self.prefilled_requests += 1
         row.accept(out.logits[0, -1])
         return cache  # filled in place
+
+    def _prefill_packed(self, rows: list[Row]) -> list[Any]:
+        """One forward over the rows' prompts packed end to end (:mod:`moa.serve.packing`)."""
+        model = self.model
+        prompts = [row.request.prompt_ids for row in rows]
+        lengths = [len(p) for p in prompts]
+        inputs = packing.packed_inputs(prompts, model.device, model.base_model.dtype)
+        routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
+                                         lengths, model.adapter_names)
+        cache = new_cache(model)
+        out = model(**inputs, **{self._cache_key: cache}, use_cache=True, **routing)
+        self.prefill_forwards += 1
+        self.prefilled_requests += len(rows)
+        per_row = packing.split(layer_tensors(cache), lengths)
+        for index, row in enumerate(rows):
+            try:
+                row.accept(out.logits[0, index])
+            except Exception as error:  # noqa: BLE001 - this row only
+                self._fail(row, error)
+        return per_row
 
     def _decode(self) -> None:
         rows = list(self._running)
