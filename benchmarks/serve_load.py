@@ -16,6 +16,10 @@ every request costs the same). Throughput counts the tokens actually generated:
   request at a time under a lock (what app code does without moa serve; it names the
   adapter per call rather than ``set_adapter``, which a set router would override).
 
+Torch work on this (main) thread between configurations is followed by
+``release_idle_openmp_threads()`` (see :mod:`moa.serve.openmp`), so no configuration pays for
+an idle OpenMP pool another one left behind.
+
 Reports tokens/s and p50/p99 request latency per configuration, and how many greedy answers
 under concurrent load equal the same request served alone (``model.generate``, batch 1).
 Writes JSON to ``benchmarks/results/serve_load.json``.
@@ -36,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from moa.serve.openmp import release_idle_openmp_threads
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 
@@ -265,6 +271,7 @@ def main() -> None:
             alone = alone_answers(model, requests, args.new_tokens, min_tokens)
             same = sum(t[0] == a for t, a in zip(texts, alone))
             agreement = {"requests": len(alone), "equal_to_alone": same}
+            release_idle_openmp_threads()  # alone_answers ran on this thread (moa.serve.openmp)
             print(f"  greedy answers under 16-client load equal to the request alone: {same}/{len(alone)}")
     requests = workload(model, n(16), mixed=False)
     texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
@@ -283,6 +290,7 @@ def main() -> None:
 
     rows.append(static_batches(model, workload(model, n(16), mixed=True), args.new_tokens, 16, min_tokens))
 
+    release_idle_openmp_threads()  # the static batches ran on this thread
     server, thread, url = one_at_a_time_server(model)
     requests = workload(model, 16, mixed=True)
     texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)

@@ -38,6 +38,7 @@ import torch
 
 from moa.serve import packing
 from moa.serve.batch_cache import BatchCache, cache_argument, layer_tensors, new_cache, prefill_inputs
+from moa.serve.openmp import release_idle_openmp_threads
 from moa.serve.requests import (
     BadRequestError,
     Completion,
@@ -187,11 +188,14 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
+        """Start the engine thread (idempotent); frees the calling thread's idle OpenMP workers."""
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._loop, name="moa-engine", daemon=True)
         self._thread.start()
+        # The model was loaded on this thread: its idle OpenMP pool would halve the engine
+        # thread's speed on a small CPU (moa.serve.openmp); the runtime restarts it if needed.
+        release_idle_openmp_threads()
 
     @property
     def alive(self) -> bool:
