@@ -85,16 +85,23 @@ def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: to
     tracking = torch.is_grad_enabled()
     coefficients = _coefficients(stack, packed, meta, x.dtype)
     everyone = len(active) == sum(1 for r in ranks if r)
-    # every adapter of the layer routed (a decode step): one shrink over all the columns;
-    # else one per routed adapter, so unused adapters cost nothing (same bits per column)
-    shrunk = x @ packed.lora_a.t() if everyone else None
-    # One expand per routed adapter over its own rank columns (not one over all columns): a
-    # row's result then never depends on which other adapters are loaded; the rows that do
-    # not use the adapter add exact zeros.
+    # every adapter of the layer routed (a decode step): one shrink and one scaling over all
+    # the columns; else one per routed adapter, so unused adapters cost nothing (same bits
+    # per column: the products and the scaling are elementwise the same)
+    scaled = x @ packed.lora_a.t() * coefficients if everyone else None
+    cast = out.dtype != x.dtype
+    # One expand per routed adapter over its own rank columns (not one over all columns: a
+    # running sum over k is not bit-stable when zero columns are added, so a row's result
+    # would depend on which other adapters are loaded); the rows that do not use the
+    # adapter add exact zeros.
     for slot in active:
         start, end = offsets[slot], offsets[slot + 1]
-        h = shrunk[:, start:end] if shrunk is not None else x @ packed.lora_a[start:end].t()
-        h = (h * coefficients[:, start:end]).to(out.dtype)
-        lora_b = packed.lora_b[start:end].to(out.dtype)
+        if scaled is not None:
+            h = scaled[:, start:end]
+        else:
+            h = x @ packed.lora_a[start:end].t() * coefficients[:, start:end]
+        lora_b = packed.lora_b[start:end]
+        if cast:
+            h, lora_b = h.to(out.dtype), lora_b.to(out.dtype)
         out = torch.addmm(out, h, lora_b) if tracking else out.addmm_(h, lora_b)
     return out
