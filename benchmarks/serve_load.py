@@ -14,7 +14,8 @@ every request costs the same). Throughput counts the tokens actually generated:
   per-row ``adapter_weights``), each batch waiting for its longest row.
 * ``one at a time, 16 clients``: a plain FastAPI server that runs ``generate`` for one
   request at a time under a lock (what app code does without moa serve; it names the
-  adapter per call rather than ``set_adapter``, which a set router would override).
+  adapter per call rather than ``set_adapter``, which a set router would override); and
+  the same with every ``generate`` on one dedicated thread (``1 compute thread``).
 
 Torch work on this (main) thread between configurations is followed by
 ``release_idle_openmp_threads()`` (see :mod:`moa.serve.openmp`), so no configuration pays for
@@ -166,15 +167,24 @@ def start_uvicorn(app: Any) -> tuple[Any, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
-    """What app code does without moa serve: a lock, set_adapter, generate."""
+def one_at_a_time_server(model: Any, one_compute_thread: bool = False) -> tuple[Any, Any, str]:
+    """What app code does without moa serve: a lock, then ``generate`` for one request.
+
+    By default the route is synchronous, so FastAPI runs each request on a thread of its
+    pool and torch starts an OpenMP pool on each of those threads (which slows them all on a
+    small CPU, see :mod:`moa.serve.openmp`). ``one_compute_thread=True`` runs every
+    ``generate`` on one dedicated thread instead: the same server at its best.
+    """
+    import asyncio
+    import concurrent.futures
+
     from fastapi import FastAPI
 
     app = FastAPI()
     lock = threading.Lock()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if one_compute_thread else None
 
-    @app.post("/v1/chat/completions")
-    def chat(body: dict) -> dict:  # a sync route: FastAPI runs it in its thread pool
+    def answer(body: dict) -> dict:
         ids = torch.tensor([chat_ids(model, body["messages"][-1]["content"])])
         weights = body.get("adapter_weights")
         name = body["model"]
@@ -191,6 +201,13 @@ def one_at_a_time_server(model: Any) -> tuple[Any, Any, str]:
                              "message": {"role": "assistant", "content": model.tokenizer.decode(new)}}],
                 "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new),
                           "total_tokens": ids.shape[1] + len(new)}, "moa": {"routing": {}}}
+
+    if executor is None:
+        app.post("/v1/chat/completions")(answer)  # a sync route: FastAPI runs it in its thread pool
+    else:
+        @app.post("/v1/chat/completions")
+        async def chat(body: dict) -> dict:
+            return await asyncio.get_running_loop().run_in_executor(executor, answer, body)
 
     return start_uvicorn(app)
 
@@ -290,13 +307,16 @@ def main() -> None:
 
     rows.append(static_batches(model, workload(model, n(16), mixed=True), args.new_tokens, 16, min_tokens))
 
-    release_idle_openmp_threads()  # the static batches ran on this thread
-    server, thread, url = one_at_a_time_server(model)
-    requests = workload(model, 16, mixed=True)
-    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
-    rows.append(summarize("one at a time, 16 clients", latencies, sum(t[1] for t in texts), seconds))
-    server.should_exit = True
-    thread.join()
+    # the dedicated-thread variant first: the sync one leaves an OpenMP pool on each of its threads
+    for one_compute_thread, name in ((True, "one at a time, 1 compute thread"),
+                                     (False, "one at a time, 16 clients")):
+        release_idle_openmp_threads()  # the static batches ran on this thread
+        server, thread, url = one_at_a_time_server(model, one_compute_thread)
+        requests = workload(model, 16, mixed=True)
+        texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
+        rows.append(summarize(name, latencies, sum(t[1] for t in texts), seconds))
+        server.should_exit = True
+        thread.join()
 
     by = {r["config"]: r["tokens_per_s"] for r in rows}
     ratios = {}
@@ -304,6 +324,8 @@ def main() -> None:
         ratios = {
             "serve16_over_static16": round(by["serve mixed 16"] / by["static batches of 16"], 2),
             "serve16_over_one_at_a_time": round(by["serve mixed 16"] / by["one at a time, 16 clients"], 2),
+            "serve16_over_one_at_a_time_1_thread": round(by["serve mixed 16"] / by["one at a time, 1 compute thread"],
+                                                         2),
             "mixed_over_single_16": round(by["serve mixed 16"] / by["serve single-adapter 16"], 3),
             "deterministic_over_batched_16": round(by["serve --deterministic 16"] / by["serve mixed 16"], 3),
         }
