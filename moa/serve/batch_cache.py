@@ -87,11 +87,6 @@ class BatchCache:
         self.mask = mask
 
     @classmethod
-    def from_row(cls, cache: Any) -> BatchCache:
-        """A batch of one row (its prefilled cache)."""
-        return cls.from_rows([layer_tensors(cache)])
-
-    @classmethod
     def from_rows(cls, rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> BatchCache:
         """A batch of prefilled rows (per row, per layer ``(keys, values)`` of batch 1)."""
         keys = rows[0][0][0]
@@ -103,10 +98,6 @@ class BatchCache:
     def size(self) -> int:
         """Rows in the batch."""
         return int(self.mask.shape[0])
-
-    def join(self, cache: Any) -> None:
-        """Append one row's prefilled cache as the last row."""
-        self.join_rows([layer_tensors(cache)])
 
     def join_rows(self, rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Append prefilled rows (per row, per layer ``(keys, values)`` of batch 1), in order.
