@@ -74,6 +74,27 @@ def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, missing, 0)) if missing > 0 else tensor
 
 
+def _stack(
+    mine: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: torch.Tensor,
+    rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]],
+) -> tuple[Any, torch.Tensor]:
+    """``mine`` (per layer ``[B, ...]``, ``B`` may be 0) with ``rows`` appended, left-padded to
+    one length: the new cache and its ``[B + len(rows), L]`` mask."""
+    lengths = [row[0][0].shape[-2] for row in rows]
+    length = max([mask.shape[1], *lengths])
+    stacked = []
+    for index in range(len(rows[0])):
+        keys = [_pad_left(row[index][0], length) for row in rows]
+        values = [_pad_left(row[index][1], length) for row in rows]
+        if mine:
+            keys.insert(0, _pad_left(mine[index][0], length))
+            values.insert(0, _pad_left(mine[index][1], length))
+        stacked.append((torch.cat(keys), torch.cat(values)))
+    new_masks = [F.pad(torch.ones(1, n, dtype=mask.dtype, device=mask.device), (length - n, 0)) for n in lengths]
+    return _cache_from(stacked), torch.cat([F.pad(mask, (length - mask.shape[1], 0)), *new_masks])
+
+
 class BatchCache:
     """Left-padded KV caches of the running rows, in the rows' order.
 
@@ -89,10 +110,8 @@ class BatchCache:
     @classmethod
     def from_rows(cls, rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> BatchCache:
         """A batch of prefilled rows (per row, per layer ``(keys, values)`` of batch 1)."""
-        keys = rows[0][0][0]
-        batch = cls(None, torch.zeros(0, 0, dtype=torch.long, device=keys.device))
-        batch.join_rows(rows)
-        return batch
+        empty = torch.zeros(0, 0, dtype=torch.long, device=rows[0][0][0].device)
+        return cls(*_stack([], empty, rows))
 
     @property
     def size(self) -> int:
@@ -104,21 +123,7 @@ class BatchCache:
 
         The whole stack is rebuilt once, however many rows join.
         """
-        lengths = [row[0][0].shape[-2] for row in rows]
-        length = max([self.mask.shape[1], *lengths])
-        mine = layer_tensors(self.cache) if self.cache is not None else None
-        stacked = []
-        for index in range(len(rows[0])):
-            keys = [_pad_left(row[index][0], length) for row in rows]
-            values = [_pad_left(row[index][1], length) for row in rows]
-            if mine is not None:
-                keys.insert(0, _pad_left(mine[index][0], length))
-                values.insert(0, _pad_left(mine[index][1], length))
-            stacked.append((torch.cat(keys), torch.cat(values)))
-        new_masks = [F.pad(torch.ones(1, n, dtype=self.mask.dtype, device=self.mask.device), (length - n, 0))
-                     for n in lengths]
-        self.mask = torch.cat([F.pad(self.mask, (length - self.mask.shape[1], 0)), *new_masks])
-        self.cache = _cache_from(stacked)
+        self.cache, self.mask = _stack(layer_tensors(self.cache), self.mask, rows)
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order); trim columns that only pad."""

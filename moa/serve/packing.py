@@ -84,8 +84,12 @@ def packed_routing(
     decision = RoutingDecision(rows.ids.repeat_interleave(repeats, 0), rows.weights.repeat_interleave(repeats, 0),
                                level="token")
     layers = [int(layer) for layer, length in zip(from_layers, lengths, strict=True) for _ in range(length)]
-    return {"routing_decision": decision,
-            "adapters_from_layer": layers[0] if len(set(layers)) == 1 else layers}
+    return {"routing_decision": decision, "adapters_from_layer": from_layer_argument(layers)}
+
+
+def from_layer_argument(layers: Sequence[int]) -> int | list[int]:
+    """``adapters_from_layer`` for these per-row (or per-token) layers: one int when they agree."""
+    return layers[0] if len(set(layers)) == 1 else list(layers)
 
 
 def split(layers: RowKV, lengths: Sequence[int]) -> list[RowKV]:

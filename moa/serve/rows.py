@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moa.routing.decision import RoutingDecision
+from moa.serve.packing import from_layer_argument
 from moa.serve.requests import Completion, GenerationRequest, TokenEvent
 
 if TYPE_CHECKING:
@@ -78,8 +79,8 @@ class Row:
     def batch_routing_kwargs(rows: Sequence[Row], model: Any) -> dict[str, Any]:
         """The model arguments giving each row of a batch its own routing."""
         decision = RoutingDecision.from_mixtures([row.mixture or None for row in rows], model.adapter_names)
-        layers = [row.from_layer for row in rows]
-        return {"routing_decision": decision, "adapters_from_layer": layers[0] if len(set(layers)) == 1 else layers}
+        return {"routing_decision": decision,
+                "adapters_from_layer": from_layer_argument([row.from_layer for row in rows])}
 
     # -- tokens ----------------------------------------------------------------------------
 
