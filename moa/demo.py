@@ -12,7 +12,11 @@ On a fresh machine (no network, 2 CPU cores, a few minutes):
 5. serve ONE mixed batch, one request per domain plus a composite one, in one ``generate``
    call: the gate routes each row from its own prompt inside the same forward; print each
    request, the chosen adapter weights, the answer, whether it is correct, and whether the
-   row's answer is the same when it is served alone.
+   row's answer is the same when it is served alone;
+6. answer one composite request (a Python function returning French number words) with the
+   shipped per-token gate (``moa/demo_adapters/token_router``), which decides every generated
+   token in the same pass: print which adapter wrote each part of the answer, and whether the
+   answer is exact (see docs/mixing.md for how often it is).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("load NF4 base", "load adapters", "train gate", "quick eval", "mixed batch")
+STAGES = ("load NF4 base", "load adapters", "train gate", "quick eval", "mixed batch", "per-token switch")
+TOKEN_ROUTER_DIRNAME = "token_router"
+SWITCH_TASK = "code_french"
 
 
 def _weights_text(mixture: dict[str, float] | None) -> str:
@@ -54,6 +60,31 @@ def pick_showcase(domains: list[str]) -> list[Any]:
     if composite:
         picked.append(composite[0])
     return picked
+
+
+def switch_showcase(model: Any, adapters_dir: Path, max_new_tokens: int = 48) -> list[str]:
+    """Lines showing the per-token gate answer the first test request of :data:`SWITCH_TASK`.
+
+    Empty when ``adapters_dir`` has no token router (custom adapters).
+    """
+    from moa.data import load_slots
+    from moa.eval.switching import segments, trace_generation
+    from moa.routing.learned_gate import LearnedGate
+
+    folder = adapters_dir / TOKEN_ROUTER_DIRNAME
+    if not folder.is_dir():
+        return [f"(no per-token gate in {adapters_dir}: the per-token switch is skipped)"]
+    gate = LearnedGate.load(folder)
+    example = next(e for e in load_slots("test") if e.meta["task"] == SWITCH_TASK)
+    traced = trace_generation(model, example.prompt, gate, max_new_tokens)
+    answer = "".join(t.text for t in traced)
+    lines = [f"One composite request, per-token gate ({folder}, top-{gate.top_k}, "
+             f"{sum(p.numel() for p in gate.head.parameters())} parameters), every generated token decided in-pass:",
+             "", f"request: {example.prompt}", f"gold:    {example.answer!r}",
+             f"answer:  {answer!r} ({'exact' if answer == example.answer else 'not exact'})", "",
+             "who wrote it (top adapter per token, consecutive tokens joined):"]
+    lines += [f"  {adapter or 'base':<11} {text!r}" for text, adapter in segments(traced)]
+    return lines
 
 
 def _retrain(model: Any, out: Path) -> None:
@@ -160,6 +191,11 @@ def run_demo(
     correct = score_examples(showcase, answers)
     alone = [generate_routed(model, [p], gate, budget, progress=False)[0][0] for p in prompts] if check_alone else []
     done(STAGES[4], t)
+
+    t = time.perf_counter()
+    stage(STAGES[5])
+    switch_lines = switch_showcase(model, source)
+    done(STAGES[5], t)
     bar.close()
 
     quant = quantization or "dense"
@@ -179,6 +215,7 @@ def run_demo(
         same = ("same  " if alone[i] == answers[i] else "DIFF  ") if check_alone else ""
         lines.append(f"{e.domain:<11} {_clip(e.prompt, 51):<52} {_clip(_weights_text(routing[i]), 25):<26} "
                      f"{'✓' if correct[i] else '✗':<3} {same}{_clip(answers[i], 60)}")
+    lines += ["", *switch_lines]
     lines += ["", "Quick evaluation" + (" (full test sets)" if full else f" ({limit} test items per domain)") + ":", ""]
     lines.append(render_markdown(result))
     if full:

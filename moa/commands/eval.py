@@ -41,10 +41,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result["meta"] = {"base": args.base, "quantization": args.quantization, "adapters_dir": str(adapters_dir),
                       "router_dir": str(gate_dir) if gate else None, "split": args.split,
                       "torch_threads": torch.get_num_threads()}
+    token_dir = Path(args.token_router) if args.token_router else adapters_dir / "token_router"
+    if config.composite and (token_dir / "router_config.json").is_file():
+        result["token_gate"] = _token_gate_part(model, LearnedGate.load(token_dir), args)
+        result["meta"]["token_router_dir"] = str(token_dir)
     paths = write_report(result, args.out)
     print(render_markdown(result))
+    if "token_gate" in result:
+        t = result["token_gate"]
+        print(f"per-token gate on {t['items']} slot-task test items (teacher-forced): exact "
+              + ", ".join(f"{k} {100 * v:.1f} %" for k, v in t["exact"].items())
+              + f"; top adapter = segment owner on {100 * t['ownership_agreement']:.1f} % of answer tokens; "
+              f"heatmap {t['heatmap']}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _token_gate_part(model: object, gate: object, args: argparse.Namespace) -> dict:
+    """The per-token gate on the first ``--slot-items`` test items of every slot task."""
+    from moa.data import load_slots
+    from moa.eval.slots import token_gate_report
+
+    per_task: dict[str, list] = {}
+    for example in load_slots(args.split):
+        items = per_task.setdefault(example.meta["task"], [])
+        if len(items) < args.slot_items:
+            items.append(example)
+    return token_gate_report(model, gate, [e for items in per_task.values() for e in items], Path(args.out))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["test", "dev"])
     p.add_argument("--domains", help="comma-separated subset of domains")
     p.add_argument("--configs", help="comma-separated subset of: base,matrix,oracle,gate,uniform")
-    p.add_argument("--no-composite", action="store_true", help="skip the composite prompts")
+    p.add_argument("--no-composite", action="store_true",
+                   help="skip the composite prompts (and the per-token gate on the slot tasks)")
+    p.add_argument("--token-router",
+                   help="per-token gate folder scored on the slot tasks, with a tokens x adapters heatmap PNG "
+                        "(default: <adapters>/token_router when it exists)")
+    p.add_argument("--slot-items", type=int, default=25, help="slot-task items per task for the per-token gate")
     p.add_argument("--batch-size", type=int, default=24, help="rows per generate call")
     p.add_argument("--base", default="default")
     p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moa.data.slots import TASKS
+from moa.data.slots import SWITCH_TASKS, TASKS
 from moa.eval.teacher_forced import (
     RoutingPlan,
     explicit_rows,
@@ -27,6 +27,7 @@ from moa.eval.teacher_forced import (
     position_owners,
     routed_rows,
     teacher_forced_exact,
+    teacher_forced_scores,
 )
 from moa.routing.decision import RoutingDecision
 from moa.routing.router import Router, RoutingRequest
@@ -166,3 +167,19 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {task} | {c['best_baseline']} ({100 * c['best_baseline_accuracy']:.1f}) | "
                      f"{100 * c['gate_minus_best']:+.1f} | [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] |")
     return "\n".join(lines) + "\n"
+
+
+def token_gate_report(model: Any, gate: Router, examples: Sequence[Any], out_dir: Path) -> dict[str, Any]:
+    """``moa eval``'s part for a per-token gate on slot-task items: exact match, agreement, heatmap.
+
+    Scores ``examples`` teacher-forced under ``gate`` (exact match and the share of correct
+    answer tokens, per task), measures the gate's agreement with segment ownership, and draws
+    the tokens x adapters weights of the first item of each task to ``token_gate_heatmap.png``.
+    """
+    exact, shares = teacher_forced_scores(model, list(examples), routed_rows(gate), progress=True, desc="token gate")
+    agreement = ownership_agreement(model, gate, [e for e in examples if e.meta["task"] in SWITCH_TASKS])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = heatmap(agreement["samples"], out_dir / "token_gate_heatmap.png")
+    return {"exact": by_task(examples, exact), "token_accuracy": by_task(examples, shares),
+            "ownership_agreement": agreement["agreement"], "positions": agreement["positions"],
+            "items": len(examples), "heatmap": str(path)}

@@ -152,6 +152,26 @@ def teacher_forced_scores(
     return out, shares
 
 
+def teacher_forced_loss(model: Any, examples: Sequence[Any], plan: RoutingPlan, batch_size: int = 16) -> float:
+    """Mean cross-entropy of the answer tokens (end token included) under ``plan``, no gradient.
+
+    The objective a gradient-free search over mixture weights minimises (LoraHub, arXiv 2307.13269).
+    """
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = make_batch(model.tokenizer, examples[start:start + batch_size])
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids.to(model.device),
+                           attention_mask=batch.attention_mask.to(model.device),
+                           use_cache=False, **plan(model, batch)).logits.float().cpu()
+        labels = batch.labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((labels != -100).sum())
+    return total / max(1, count)
+
+
 # -- routing plans -----------------------------------------------------------------------------
 
 

@@ -17,3 +17,7 @@ def test_demo_serves_one_mixed_batch_routed_by_the_gate():
     for domain in ("sql", "arithmetic", "icd", "french", "code", "composite"):
         assert f"\n{domain:<11} " in report
     assert "| domain | n | base | oracle | learned gate |" in report
+    # the per-token gate answers one composite request; the code and French adapters both write part of it
+    assert "who wrote it (top adapter per token" in report
+    writers = report.split("who wrote it (top adapter per token, consecutive tokens joined):\n")[1].split("\n\n")[0]
+    assert "  code " in writers and "  french " in writers

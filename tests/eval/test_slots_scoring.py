@@ -53,3 +53,24 @@ def test_ownership_agreement_counts_answer_positions_against_a_naive_loop(tiny_c
     assert result["positions"] == total
     assert abs(result["agreement"] - agree / total) < 1e-9
     assert set(result["samples"]) == {"code_french"}
+
+
+def test_token_gate_report_scores_agrees_and_draws(tiny_chat_model, tmp_path):
+    from moa.eval.slots import token_gate_report
+    from moa.eval.teacher_forced import routed_rows, teacher_forced_scores
+
+    model = tiny_chat_model
+    add_random_adapters(model)
+    torch.manual_seed(1)
+    gate = LearnedGate(list(TOY_DOMAINS), model.config.hidden_size, hidden_layer=DEFAULT_HIDDEN_LAYER,
+                       level="token", top_k=2, mlp_hidden=0, dropout=0.0)
+    examples = [ToyExample(f"s{i}", "slots", f"abc{i} what", "xy12", meta={
+        "task": task, "segments": [["xy", "alpha"], ["12", "beta"]]}) for i, task in
+        enumerate(["code_french", "code_french", "code_icd"])]
+    report = token_gate_report(model, gate, examples, tmp_path / "out")
+    exact, shares = teacher_forced_scores(model, examples, routed_rows(gate))  # the reference, item by item
+    assert report["exact"] == {"code_french": (exact[0] + exact[1]) / 2, "code_icd": float(exact[2])}
+    assert abs(report["token_accuracy"]["code_icd"] - shares[2]) < 1e-9
+    assert report["ownership_agreement"] == ownership_agreement(model, gate, examples)["agreement"]
+    png = tmp_path / "out" / "token_gate_heatmap.png"
+    assert report["heatmap"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
