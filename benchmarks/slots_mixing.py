@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/slots_mixing.py --out benchmarks/results/slots --n 64 --seed 0
     .venv/bin/python benchmarks/slots_mixing.py --seed 1 --baselines-from benchmarks/results/slots/slots_n64_seed0.json
+    .venv/bin/python benchmarks/slots_mixing.py --routing-weight 1 --baselines-from benchmarks/results/slots/slots_n64_seed0.json
 
 It loads the NF4 default base with the shipped adapters and sequence gate, trains a per-token
 gate (:func:`moa.train.router.train_gate_lm` on a ``level="token"`` LearnedGate, top-2, base
@@ -65,13 +66,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        top_k=args.top_k, mlp_hidden=args.mlp_hidden, dropout=0.0)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    # --routing-weight: the replayed single-domain examples are labelled with their domain
+    labels = [None] * len(composite) + [e.domain for e in examples[len(composite):]]
     training = train_gate_lm(model, gate, examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, progress=not args.quiet)
+                             seed=args.seed, progress=not args.quiet,
+                             routing_labels=labels if args.routing_weight > 0 else None,
+                             routing_weight=args.routing_weight)
     timings["train_gate"] = time.perf_counter() - start
-    gate.metadata.update({"training": training, "composite_per_task": args.n, "replayed": len(examples) - len(composite)})
+    gate.metadata.update({"training": training, "composite_per_task": args.n, "replayed": len(examples) - len(composite),
+                          "routing_weight": args.routing_weight})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gate.save(out / f"token_gate_n{args.n}_seed{args.seed}")
+    tag = f"n{args.n}_seed{args.seed}" + (f"_rw{args.routing_weight:g}" if args.routing_weight > 0 else "")
+    gate.save(out / f"token_gate_{tag}")
     results: dict[str, list[bool]] = {}
     token_accuracy: dict[str, dict[str, float]] = {}
     if args.baselines_from:  # the configurations that do not depend on this run's gate, scored before
@@ -92,12 +99,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     agreement = ownership_agreement(model, gate, [e for e in test if e.meta["task"] in SWITCH_TASKS])
     result = {"n_per_task": args.n, "seed": args.seed, "test_items_per_task": args.test_items,
               "gate": {"parameters": sum(p.numel() for p in gate.head.parameters()), "top_k": args.top_k,
-                       "hidden_layer": 2, "training": training},
+                       "hidden_layer": 2, "training": training, "routing_weight": args.routing_weight},
               "summary": summarise(test, results), "token_accuracy": token_accuracy, "ownership_agreement": agreement["agreement"],
               "agreement_positions": agreement["positions"], "seconds": {k: round(v, 1) for k, v in timings.items()},
               "predictions": {name: [int(h) for h in hits] for name, hits in results.items()},
               "test_ids": [e.id for e in test]}
-    tag = f"n{args.n}_seed{args.seed}"
     (out / f"slots_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"slots_{tag}.md").write_text(render_markdown(result))
     heatmap(agreement["samples"], out / f"slots_heatmap_{tag}.png")
@@ -120,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="score only these configurations")
     parser.add_argument("--baselines-from", default=None,
                         help="an earlier slots_*.json on the same test items: reuse its gate-independent scores")
+    parser.add_argument("--routing-weight", type=float, default=0.0,
+                        help="weight of the routing cross-entropy that keeps the replayed single-domain examples on "
+                             "their own adapter (0: LM loss only)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -9,7 +9,7 @@ the gold answer iff every answer position's argmax is the gold token), on every 
 every domain, NF4 default base. A paired bootstrap gives the 95 % interval of each
 difference.
 
-Run: ``.venv/bin/python benchmarks/token_gate_single_domain.py [--limit N]``
+Run: ``.venv/bin/python benchmarks/token_gate_single_domain.py [--limit N] [--gate FOLDER --out JSON]``
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None, help="test items per domain (default: all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gate", type=Path, default=GATE, help="the per-token gate folder")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="result JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = moa.MixtureModel.from_pretrained("default", quantization="nf4")
     load_adapters(model, shipped_adapters_dir())
-    token_gate = LearnedGate.load(GATE)
+    token_gate = LearnedGate.load(args.gate)
     report: dict[str, dict] = {}
     for domain in DOMAINS:
         examples = load_split(domain, "test")[: args.limit]
@@ -52,9 +54,10 @@ def main() -> None:
                           "token_gate": round(100 * sum(gated) / len(gated), 1),
                           "token_gate_minus_own": [round(100 * v, 1) for v in (mean, low, high)]}
         print(domain, json.dumps(report[domain]), flush=True)
-    RESULTS.write_text(json.dumps({"scorer": "teacher-forced exact", "precision": "nf4", "domains": report},
-                                  indent=2))
-    print(f"wrote {RESULTS}")
+    args.out.write_text(json.dumps({"scorer": "teacher-forced exact", "precision": "nf4",
+                                    "gate": str(args.gate.relative_to(HERE.parent) if args.gate.is_absolute() else args.gate),
+                                    "domains": report}, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moa.routing.learned_gate import LearnedGate, pool_hidden_states
+from moa.routing.router import Router, RoutingRequest
 from moa.data.chat import encode_sft_example, ensure_pad_token, pad_batch, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
@@ -156,37 +157,68 @@ def gate_accuracy(gate: LearnedGate, features: torch.Tensor, labels: torch.Tenso
         return float((gate.logits(features).argmax(-1) == labels.long()).float().mean())
 
 
+class _SeenHidden(Router):
+    """Passes a token-level gate through, keeping the hidden states it decided from."""
+
+    def __init__(self, gate: LearnedGate) -> None:
+        self.gate = gate
+        self.name, self.level, self.hidden_layer = gate.name, gate.level, gate.hidden_layer
+        self.hidden: torch.Tensor | None = None
+
+    def route(self, request: RoutingRequest) -> Any:
+        self.hidden = request.hidden_states
+        return self.gate.route(request)
+
+
 class GateObjective(torch.nn.Module):
     """The frozen mixture's LM loss as a function of the gate: the module Trainer trains.
 
     Only the gate is a submodule (so Trainer, DDP and the checkpoints see its parameters
     alone); the MixtureModel is held as a plain attribute and stays frozen and in its mode.
     ``rows`` index the cached gate features of the batch's examples.
+
+    With ``routing_labels`` (token level), an example whose label is an adapter index also
+    pulls every one of its positions towards that adapter: ``routing_weight`` x the
+    cross-entropy of the gate's logits against it, added to the LM loss. Examples labelled
+    ``-100`` (the composite ones) are left to the LM loss alone.
     """
 
     accepts_loss_kwargs = True  # Trainer passes num_items_in_batch: exact gradient accumulation
 
-    def __init__(self, model: Any, gate: LearnedGate, features: torch.Tensor):
+    def __init__(self, model: Any, gate: LearnedGate, features: torch.Tensor,
+                 routing_labels: torch.Tensor | None = None, routing_weight: float = 0.0):
         super().__init__()
         self.gate = gate
         self.__dict__["mixture"] = model  # not registered: not trained, saved or wrapped
         self.features = features
+        self.routing_labels = routing_labels
+        self.routing_weight = float(routing_weight)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 rows: torch.Tensor, num_items_in_batch: Any = None) -> Any:
         """The mixture's output (with ``loss``) under the gate's soft weights over all its adapters."""
         model = self.mixture
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        supervise = self.gate.level == "token" and self.routing_labels is not None and self.routing_weight > 0
+        seen = _SeenHidden(self.gate) if supervise else None
         if self.gate.level == "token":
             # Decided in the same pass, on every position's own hidden state, with the gate's
             # own top-k (as at inference); the weights stay on the autograd graph.
-            routing = {"adapter_names": ["auto"] * int(input_ids.shape[0]), "router": self.gate}
+            routing = {"adapter_names": ["auto"] * int(input_ids.shape[0]), "router": seen or self.gate}
         else:
             decision = self.gate.decision_from_features(self.features[rows.cpu()].to(model.device),
                                                         model.adapter_names, top_k=len(self.gate.gate_adapters))
             routing = {"routing_decision": decision, "adapters_from_layer": self.gate.hidden_layer}
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
-                     **routing, **extra)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False,
+                    **routing, **extra)
+        if seen is not None and seen.hidden is not None:
+            target = self.routing_labels[rows.cpu()].to(input_ids.device)[:, None].expand_as(input_ids)
+            target = target.masked_fill(attention_mask == 0, -100).reshape(-1)
+            if bool((target >= 0).any()):
+                logits = self.gate.logits(seen.hidden.reshape(-1, seen.hidden.shape[-1]))
+                out["loss"] = out["loss"] + self.routing_weight * F.cross_entropy(logits.float(), target,
+                                                                                  ignore_index=-100)
+        return out
 
 
 def _gate_order(n_examples: int, batches: int, batch_size: int, seed: int) -> list[int]:
@@ -214,6 +246,8 @@ def train_gate_lm(
     checkpoint_dir: str | os.PathLike | None = None,
     save_steps: int = 0,
     resume: bool | str = False,
+    routing_labels: Sequence[str | None] | None = None,
+    routing_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Train the gate end to end through the LM loss of the frozen adapters' mixture (on Trainer).
 
@@ -228,6 +262,13 @@ def train_gate_lm(
     accumulation, ``optim``, checkpoints (the gate's tensors) and ``resume``, logging and
     ``accelerate launch``; the LR is constant, AdamW's weight decay 0.01, no clipping, as
     in the loop this replaces.
+
+    ``routing_labels`` (token-level gates; one adapter name or ``None`` per example) add a
+    supervised term: ``routing_weight`` x the cross-entropy of the gate's logits at every
+    position of a labelled example against its adapter. Label the replayed single-domain
+    examples with their domain and the composite ones ``None``: the gate then keeps a
+    single-domain answer on its own adapter, where the LM loss alone is often indifferent
+    (many tokens are predicted as well by several adapters), and stays free on composites.
 
     Returns:
         Metrics: the loss curve, weight change, seconds.
@@ -248,7 +289,18 @@ def train_gate_lm(
         features = features[:0]  # a token gate routes in the pass; only the standardisation needed them
     encoded = [encode_sft_example(tokenizer, e.prompt, e.answer, max_length) for e in examples]
     items = [{"input_ids": ids, "labels": labels, "rows": i} for i, (ids, labels) in enumerate(encoded)]
-    objective = GateObjective(model, gate, features)
+    targets = None
+    if routing_labels is not None:
+        if len(routing_labels) != len(examples):
+            raise ValueError(f"routing_labels has {len(routing_labels)} entries for {len(examples)} examples; "
+                             f"give one adapter name (or None) per example.")
+        index = {name: i for i, name in enumerate(gate.gate_adapters)}
+        unknown = sorted({str(n) for n in routing_labels if n is not None and n not in index})
+        if unknown:
+            raise ValueError(f"routing_labels name adapters the gate does not route: {unknown}. "
+                             f"The gate's adapters: {list(gate.gate_adapters)}.")
+        targets = torch.tensor([-100 if n is None else index[n] for n in routing_labels], dtype=torch.long)
+    objective = GateObjective(model, gate, features, targets, routing_weight)
     report_trainable(objective, "gate (LM loss)")
     before = [p.detach().clone() for p in gate.head.parameters()]
     per_batch = min(batch_size, len(examples))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from moa.data.chat import encode_sft_example, pad_batch
 from moa.routing.learned_gate import LearnedGate
 from moa.train.recipes import DEFAULT_HIDDEN_LAYER
-from moa.train.router import train_gate_lm
+from moa.train.router import GateObjective, train_gate_lm
 from tests.train.helpers import TOY_DOMAINS, add_random_adapters, toy_examples
 
 
@@ -50,3 +52,47 @@ def test_token_gate_learns_through_the_lm_loss_with_everything_else_frozen(tiny_
     assert gate.level == "token" and not gate.training
     # standardisation comes from per-token features, not left at the identity
     assert not bool(gate.head.feature_std.eq(1).all())
+
+
+def test_routing_labels_add_a_cross_entropy_on_every_labelled_position(tiny_chat_model):
+    """The objective's loss = the LM loss + weight x CE(gate logits, label), recomputed outside."""
+    model = tiny_chat_model
+    add_random_adapters(model)
+    gate = token_gate(model)
+    rows = [encode_sft_example(model.tokenizer, p, a) for p, a in (("abc what", "xa"), ("de f", "y"))]
+    batch = pad_batch([r[0] for r in rows], model.tokenizer.pad_token_id, labels=[r[1] for r in rows])
+    targets = torch.tensor([1, -100])  # the first example labelled with the gate's adapter 1, the second free
+    objective = GateObjective(model, gate, torch.zeros(0), targets, routing_weight=0.5)
+    with torch.no_grad():
+        loss = objective(**batch, rows=torch.tensor([0, 1]))["loss"]
+        lm = model(**batch, adapter_names=["auto", "auto"], router=gate, use_cache=False)["loss"]
+        hidden = model.hidden_states_at(DEFAULT_HIDDEN_LAYER, batch["input_ids"], batch["attention_mask"])
+        real = batch["attention_mask"][0].bool()
+        ce = F.cross_entropy(gate.logits(hidden[0][real]), torch.full((int(real.sum()),), 1))
+    torch.testing.assert_close(loss, lm + 0.5 * ce, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_labels_keep_labelled_examples_on_their_adapter(tiny_chat_model):
+    model = tiny_chat_model
+    add_random_adapters(model)
+    examples = toy_examples(6)
+    names = list(TOY_DOMAINS)
+    labels = [names[0]] * len(examples)
+
+    def share_on_first_adapter(gate):
+        ids = pad_batch([encode_sft_example(model.tokenizer, e.prompt, e.answer)[0] for e in examples],
+                        model.tokenizer.pad_token_id)
+        with torch.no_grad():
+            hidden = model.hidden_states_at(DEFAULT_HIDDEN_LAYER, ids["input_ids"], ids["attention_mask"])
+            top = gate.logits(hidden[ids["attention_mask"].bool()]).argmax(-1)
+        return float((top == 0).float().mean())
+
+    free, supervised = token_gate(model, seed=1), token_gate(model, seed=1)
+    options = dict(steps=10, batch_size=3, lr=3e-2, progress=False)
+    train_gate_lm(model, free, examples, **options)
+    train_gate_lm(model, supervised, examples, routing_labels=labels, routing_weight=2.0, **options)
+    assert share_on_first_adapter(supervised) > 0.95
+    assert share_on_first_adapter(supervised) > share_on_first_adapter(free)
+    with pytest.raises(ValueError, match="does not route"):
+        train_gate_lm(model, token_gate(model), examples[:1], routing_labels=["nope"], routing_weight=1.0, steps=1,
+                      progress=False)
