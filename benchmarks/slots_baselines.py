@@ -66,7 +66,10 @@ def train_composite_lora(model: Any, examples: list[Any], steps: int, batch_size
 
 def lorahub_search(model: Any, names: list[str], examples: list[Any], budget: int, seed: int) -> dict[str, Any]:
     """CMA-ES over one weight in [0, 1.5] per adapter: answer loss + L1, ``budget`` evaluations."""
-    import cma
+    try:
+        import cma
+    except ImportError as error:  # a benchmark-only package
+        raise SystemExit("benchmarks/slots_baselines.py needs the 'cma' package: .venv/bin/pip install -e '.[bench]'") from error
 
     history: list[tuple[list[float], float]] = []
 
