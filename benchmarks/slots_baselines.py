@@ -48,8 +48,9 @@ COMPOSITE_LORA = "composite_lora"
 L1_PENALTY = 0.05  # LoraHub's regulariser
 
 
-def train_composite_lora(model: Any, examples: list[Any], steps: int, batch_size: int, seed: int) -> dict[str, Any]:
-    """Add and train :data:`COMPOSITE_LORA` on ``examples`` with the shipped adapters' recipe."""
+def train_composite_lora(model: Any, examples: list[Any], steps: int, batch_size: int, seed: int,
+                         output_dir: Path | None = None) -> dict[str, Any]:
+    """Add and train :data:`COMPOSITE_LORA` on ``examples`` with the shipped adapters' recipe (saved to ``output_dir``)."""
     import dataclasses
 
     from moa.train.recipes import DEMO_RECIPE
@@ -59,7 +60,7 @@ def train_composite_lora(model: Any, examples: list[Any], steps: int, batch_size
     add_training_adapter(model, COMPOSITE_LORA, rank=recipe.rank, alpha=recipe.alpha, first_layer=recipe.first_layer,
                          projections=recipe.projections, dropout=recipe.dropout, seed=recipe.seed)
     config = SFTConfig(steps=steps, batch_size=batch_size, lr=recipe.lr, seed=seed, dev_limit=0)
-    result = train_adapter(model, COMPOSITE_LORA, examples, config, output_dir=None)
+    result = train_adapter(model, COMPOSITE_LORA, examples, config, output_dir=output_dir)
     return {"steps": steps, "batch_size": batch_size, "rank": recipe.rank, "lr": recipe.lr,
             "loss_curve": result.metrics["loss_curve"], "seconds": result.metrics["train_seconds"]}
 
@@ -108,7 +109,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hub = lorahub_search(model, names, training_set(load_slots("train"), min(n, args.search_n)), args.budget, seed)
     result["lorahub"] = hub
     steps = args.lora_steps or against["gate"]["training"]["steps"]
-    result["composite_lora"] = train_composite_lora(model, composite, steps, args.batch_size, seed)
+    saved = Path(args.out or Path(args.against).parent) / f"composite_lora_n{n}_seed{seed}"
+    result["composite_lora"] = train_composite_lora(model, composite, steps, args.batch_size, seed, saved)
+    result["composite_lora"]["saved"] = str(saved)
     plans = {"lorahub": explicit_rows({k: w for k, w in hub["weights"].items() if w > 0}),
              "composite_lora": explicit_rows(COMPOSITE_LORA)}
     predictions, token_accuracy, accuracy = {}, {}, {}

@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = moa.MixtureModel.from_pretrained("default", quantization="nf4")
     load_adapters(model, shipped_adapters_dir())
+    for folder in args.extra_adapter:  # e.g. the composite LoRA of benchmarks/slots_baselines.py, as one more expert
+        model.load_adapter(folder, adapter_name=Path(folder).name.split("_n")[0])
     sequence_gate = LearnedGate.load(router_dir(shipped_adapters_dir()))
     test = [e for e in load_slots("test") if e.meta["task"] in args.tasks]
     per_task: dict[str, int] = {}
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"n{args.n}_seed{args.seed}" + (f"_rw{args.routing_weight:g}" if args.routing_weight > 0 else "")
+    tag += "".join(f"_plus_{Path(f).name.split('_n')[0]}" for f in args.extra_adapter)
     gate.save(out / f"token_gate_{tag}")
     results: dict[str, list[bool]] = {}
     token_accuracy: dict[str, dict[str, float]] = {}
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routing-weight", type=float, default=0.0,
                         help="weight of the routing cross-entropy that keeps the replayed single-domain examples on "
                              "their own adapter (0: LM loss only)")
+    parser.add_argument("--extra-adapter", nargs="*", default=[],
+                        help="more adapter folders for the gate to route (named by the folder, up to '_n')")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
