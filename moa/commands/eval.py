@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -57,12 +58,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_gate_part(model: object, gate: object, args: argparse.Namespace) -> dict:
+def _token_gate_part(model: Any, gate: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The per-token gate on the first ``--slot-items`` test items of every slot task."""
     from moa.data import load_slots
     from moa.eval.slots import token_gate_report
 
-    per_task: dict[str, list] = {}
+    per_task: dict[str, list[Any]] = {}
     for example in load_slots(args.split):
         items = per_task.setdefault(example.meta["task"], [])
         if len(items) < args.slot_items:
