@@ -55,3 +55,27 @@ def test_parse_weights():
     assert parse_weights("sql=0.7, code=0.3") == {"sql": 0.7, "code": 0.3}
     with pytest.raises(RoutingError, match="NAME=WEIGHT"):
         parse_weights("sql:0.7")
+
+
+def test_eval_scores_a_token_router_on_the_slot_tasks(tiny_base_dir, tmp_path, capsys):
+    """``--token-router``: teacher-forced scores per slot task, ownership agreement, and the heatmap."""
+    from moa.routing.learned_gate import LearnedGate
+
+    names = ("sql", "arithmetic", "icd", "french", "code")  # the slot tasks' segment owners
+    model = load_tiny(tiny_base_dir)
+    add_random_adapters(model, names=names)
+    adapters = tmp_path / "adapters"
+    for name in names:
+        model.save_adapter(name, adapters / name)
+    gate = LearnedGate(list(names), model.config.hidden_size, level="token", top_k=2, dropout=0.0)
+    gate.save(tmp_path / "token_gate")
+    out = tmp_path / "eval"
+    args = ["--base", str(tiny_base_dir), "--quantization", "none", "--adapters", str(adapters)]
+    assert main(["eval", *args, "--limit", "1", "--domains", "sql", "--configs", "base", "--token-router",
+                 str(tmp_path / "token_gate"), "--slot-items", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "per-token gate on 10 slot-task test items (teacher-forced)" in printed
+    part = json.loads((out / "eval.json").read_text())["token_gate"]
+    assert set(part["exact"]) == {"arithmetic_french", "arithmetic_sql", "code_french", "code_icd", "french_sql"}
+    assert 0 <= part["ownership_agreement"] <= 1 and part["positions"] > 0
+    assert (out / "token_gate_heatmap.png").read_bytes()[:4] == b"\x89PNG"
