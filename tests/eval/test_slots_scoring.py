@@ -28,14 +28,20 @@ def test_summary_picks_the_best_non_oracle_baseline_per_task():
     assert comparison["best_baseline"] == "single:icd" and abs(comparison["gate_minus_best"] - 0.5) < 1e-9
 
 
+def gate_and_examples(model, seed: int, top_k: int, tasks: list[str]) -> tuple[LearnedGate, list[ToyExample]]:
+    """Random adapters on ``model``, a seeded linear token gate, and one two-segment item per task."""
+    add_random_adapters(model)
+    torch.manual_seed(seed)
+    gate = LearnedGate(list(TOY_DOMAINS), model.config.hidden_size, hidden_layer=DEFAULT_HIDDEN_LAYER,
+                       level="token", top_k=top_k, mlp_hidden=0, dropout=0.0)
+    examples = [ToyExample(f"s{i}", "slots", f"abc{i} what", "xy12", meta={
+        "task": task, "segments": [["xy", "alpha"], ["12", "beta"]]}) for i, task in enumerate(tasks)]
+    return gate, examples
+
+
 def test_ownership_agreement_counts_answer_positions_against_a_naive_loop(tiny_chat_model):
     model = tiny_chat_model
-    add_random_adapters(model)
-    torch.manual_seed(0)
-    gate = LearnedGate(list(TOY_DOMAINS), model.config.hidden_size, hidden_layer=DEFAULT_HIDDEN_LAYER,
-                       level="token", top_k=1, mlp_hidden=0, dropout=0.0)
-    examples = [ToyExample(f"s{i}", "slots", f"abc{i} what", "xy12", meta={
-        "task": "code_french", "segments": [["xy", "alpha"], ["12", "beta"]]}) for i in range(3)]
+    gate, examples = gate_and_examples(model, seed=0, top_k=1, tasks=["code_french"] * 3)
     result = ownership_agreement(model, gate, examples, batch_size=2)
     # naive reference: one example at a time, the gate's choice read from its own decision
     from moa.eval.teacher_forced import make_batch, position_owners, routed_rows, teacher_forced_exact
@@ -60,13 +66,7 @@ def test_token_gate_report_scores_agrees_and_draws(tiny_chat_model, tmp_path):
     from moa.eval.teacher_forced import routed_rows, teacher_forced_scores
 
     model = tiny_chat_model
-    add_random_adapters(model)
-    torch.manual_seed(1)
-    gate = LearnedGate(list(TOY_DOMAINS), model.config.hidden_size, hidden_layer=DEFAULT_HIDDEN_LAYER,
-                       level="token", top_k=2, mlp_hidden=0, dropout=0.0)
-    examples = [ToyExample(f"s{i}", "slots", f"abc{i} what", "xy12", meta={
-        "task": task, "segments": [["xy", "alpha"], ["12", "beta"]]}) for i, task in
-        enumerate(["code_french", "code_french", "code_icd"])]
+    gate, examples = gate_and_examples(model, seed=1, top_k=2, tasks=["code_french", "code_french", "code_icd"])
     report = token_gate_report(model, gate, examples, tmp_path / "out")
     exact, shares = teacher_forced_scores(model, examples, routed_rows(gate))  # the reference, item by item
     assert report["exact"] == {"code_french": (exact[0] + exact[1]) / 2, "code_icd": float(exact[2])}
