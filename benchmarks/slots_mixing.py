@@ -45,6 +45,11 @@ def replay_examples(n: int, seed: int) -> list[Any]:
 
 
 
+def extra_name(folder: str) -> str:
+    """An ``--extra-adapter`` folder's adapter name: its name up to ``_n`` (``composite_lora_n64_seed0``)."""
+    return Path(folder).name.split("_n")[0]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train the per-token gate and score every configuration (see the module docstring)."""
     import moa
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = moa.MixtureModel.from_pretrained("default", quantization="nf4")
     load_adapters(model, shipped_adapters_dir())
     for folder in args.extra_adapter:  # e.g. the composite LoRA of benchmarks/slots_baselines.py, as one more expert
-        model.load_adapter(folder, adapter_name=Path(folder).name.split("_n")[0])
+        model.load_adapter(folder, adapter_name=extra_name(folder))
     sequence_gate = LearnedGate.load(router_dir(shipped_adapters_dir()))
     test = [e for e in load_slots("test") if e.meta["task"] in args.tasks]
     per_task: dict[str, int] = {}
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"n{args.n}_seed{args.seed}" + (f"_rw{args.routing_weight:g}" if args.routing_weight > 0 else "")
-    tag += "".join(f"_plus_{Path(f).name.split('_n')[0]}" for f in args.extra_adapter)
+    tag += "".join(f"_plus_{extra_name(f)}" for f in args.extra_adapter)
     gate.save(out / f"token_gate_{tag}")
     results: dict[str, list[bool]] = {}
     token_accuracy: dict[str, dict[str, float]] = {}

@@ -107,6 +107,15 @@ def correct_positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return hit.all(-1), hit
 
 
+def forced_logits(model: Any, examples: Sequence[Any], plan: RoutingPlan) -> tuple[ForcedBatch, torch.Tensor]:
+    """One no-cache, no-gradient forward over ``examples`` (prompt + answer) under ``plan``: float32 CPU logits."""
+    batch = make_batch(model.tokenizer, examples)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids.to(model.device), attention_mask=batch.attention_mask.to(model.device),
+                       use_cache=False, **plan(model, batch)).logits
+    return batch, logits.float().cpu()
+
+
 def teacher_forced_exact(model: Any, examples: Sequence[Any], plan: RoutingPlan, **options: Any) -> list[bool]:
     """Whether greedy decoding under ``plan`` would write each example's gold answer exactly.
 
@@ -140,12 +149,8 @@ def teacher_forced_scores(
     shares: list[float] = []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress):
-        batch = make_batch(model.tokenizer, examples[start:start + batch_size])
-        with torch.no_grad():
-            logits = model(input_ids=batch.input_ids.to(model.device),
-                           attention_mask=batch.attention_mask.to(model.device),
-                           use_cache=False, **plan(model, batch)).logits
-        rows, hit = correct_positions(logits.float().cpu(), batch.labels)
+        batch, logits = forced_logits(model, examples[start:start + batch_size], plan)
+        rows, hit = correct_positions(logits, batch.labels)
         out.extend(bool(r) for r in rows)
         answer = batch.labels[:, 1:] != -100
         shares.extend(((hit & answer).sum(-1) / answer.sum(-1).clamp(min=1)).tolist())
@@ -159,11 +164,7 @@ def teacher_forced_loss(model: Any, examples: Sequence[Any], plan: RoutingPlan, 
     """
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = make_batch(model.tokenizer, examples[start:start + batch_size])
-        with torch.no_grad():
-            logits = model(input_ids=batch.input_ids.to(model.device),
-                           attention_mask=batch.attention_mask.to(model.device),
-                           use_cache=False, **plan(model, batch)).logits.float().cpu()
+        batch, logits = forced_logits(model, examples[start:start + batch_size], plan)
         labels = batch.labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  ignore_index=-100, reduction="sum")

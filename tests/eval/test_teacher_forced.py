@@ -103,3 +103,21 @@ def test_mixture_rows_go_through_adapter_weights(tiny_chat_model):
         direct = model(batch.input_ids, attention_mask=batch.attention_mask, adapter_weights=[mix]).logits
     assert torch.equal(via_plan, direct)
     assert dataclasses.is_dataclass(batch.items[0])
+
+
+def test_teacher_forced_loss_is_the_token_weighted_mean_of_each_items_lm_loss(tiny_chat_model):
+    from moa.eval.teacher_forced import make_batch, teacher_forced_loss
+
+    model = tiny_chat_model
+    add_random_adapters(model)
+    examples = [ToyExample(f"x{i}", "toy", f"abc{i} what", answer) for i, answer in enumerate(["xy12", "q", "hello"])]
+    plan = explicit_rows(TOY_DOMAINS[0])
+    total = count = 0.0
+    for example in examples:  # the reference: transformers' own loss, one item at a time
+        batch = make_batch(model.tokenizer, [example])
+        with torch.no_grad():
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                         adapter_names=[TOY_DOMAINS[0]]).loss
+        tokens = int((batch.labels[:, 1:] != -100).sum())
+        total, count = total + float(loss) * tokens, count + tokens
+    assert abs(teacher_forced_loss(model, examples, plan, batch_size=2) - total / count) < 1e-4
