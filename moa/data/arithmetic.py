@@ -86,6 +86,22 @@ def random_expression(rng: random.Random) -> tuple[list[int], list[str]]:
     return terms, ops
 
 
+def expression_between(
+    rng: random.Random, low: int, high: int, seen: set[str] | None = None
+) -> tuple[list[int], list[str], int]:
+    """Draw expressions until one's value is in ``[low, high]``: ``(terms, ops, value)``.
+
+    With ``seen``, an expression whose text is in it is skipped, and the one returned is added.
+    """
+    while True:
+        terms, ops = random_expression(rng)
+        value = evaluate(terms, ops)
+        if low <= value <= high and (seen is None or render(terms, ops) not in seen):
+            if seen is not None:
+                seen.add(render(terms, ops))
+            return terms, ops, value
+
+
 def generate() -> dict[str, list[Example]]:
     """Build the train/dev/test examples of the arithmetic domain (deterministic)."""
     seen: set[str] = set()

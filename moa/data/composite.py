@@ -60,11 +60,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 
 def _arithmetic_to_french(rng: random.Random, i: int) -> tuple[str, str, int, dict[str, Any]]:
-    while True:
-        terms, ops = arithmetic.random_expression(rng)
-        value = arithmetic.evaluate(terms, ops)
-        if 0 <= value <= 200:
-            break
+    terms, ops, value = arithmetic.expression_between(rng, 0, 200)
     expr = arithmetic.render(terms, ops)
     prompt = TEMPLATES["arithmetic_to_french"][i % 3].format(expr=expr)
     return prompt, number_words(value), i % 3, {"combines": ["arithmetic", "french"], "score_as": "french",

@@ -111,13 +111,8 @@ def diagnosis_of(example: Example) -> str:
 
 def _expression(rng: random.Random, seen: set[str]) -> tuple[str, str, int]:
     """A fresh arithmetic expression with a value in 0-999: (expression, worked, value)."""
-    while True:
-        terms, ops = arithmetic.random_expression(rng)
-        expr = arithmetic.render(terms, ops)
-        value = arithmetic.evaluate(terms, ops)
-        if expr not in seen and 0 <= value <= 999:
-            seen.add(expr)
-            return expr, arithmetic.worked_answer(terms, ops), value
+    terms, ops, value = arithmetic.expression_between(rng, 0, 999, seen)
+    return arithmetic.render(terms, ops), arithmetic.worked_answer(terms, ops), value
 
 
 def _phrasing(split: str, i: int) -> int:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from moa.data.chat import chat_prompt, end_of_turn, ensure_pad_token, pad_batch
 from moa.errors import RoutingError, format_choices
+from moa.model.adapter_bank import BASE_ROW
 from moa.routing.decision import RoutingDecision
 
 
@@ -199,7 +200,10 @@ def position_owners(item: ForcedItem, width: int) -> list[str | None]:
 
 
 def oracle_switch() -> RoutingPlan:
-    """Per token, the adapter owning the token being predicted (the known hand-over rule)."""
+    """Per token, the adapter owning the token being predicted (the known hand-over rule).
+
+    A segment owned by ``"__base__"`` (PEFT's name for no adapter) runs the bare base.
+    """
 
     def plan(model: Any, batch: ForcedBatch) -> dict[str, Any]:
         names = list(model.adapter_names)
@@ -207,7 +211,7 @@ def oracle_switch() -> RoutingPlan:
         ids = torch.full((len(batch.items), width), -1, dtype=torch.int32)
         for row, item in enumerate(batch.items):
             for pos, owner in enumerate(position_owners(item, width)):
-                if owner is not None:
+                if owner is not None and owner != BASE_ROW:
                     if owner not in names:
                         raise RoutingError(f"Segment owner {owner!r} is not a loaded adapter. "
                                            f"Loaded: {format_choices(names)}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -17,6 +18,7 @@ from moa.data import (
     load_composite,
     load_split,
 )
+from moa.data import arithmetic
 from moa.data import code as code_domain
 from moa.errors import MoaError
 
@@ -135,3 +137,11 @@ def test_unknown_names_list_the_choices(domain, split, named):
         load_split(domain, split)
     assert isinstance(info.value, MoaError) and isinstance(info.value, KeyError)
     assert named in str(info.value) and repr(domain if domain == "medical" else split) in str(info.value)
+
+
+def test_expression_between_keeps_the_range_and_never_repeats():
+    rng, seen = random.Random(3), set()
+    drawn = [arithmetic.expression_between(rng, 10, 40, seen) for _ in range(60)]
+    texts = [arithmetic.render(terms, ops) for terms, ops, _ in drawn]
+    assert all(10 <= value <= 40 and value == arithmetic.evaluate(t, o) for t, o, value in drawn)
+    assert len(set(texts)) == 60 and seen == set(texts)

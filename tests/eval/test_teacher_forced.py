@@ -65,6 +65,31 @@ def test_oracle_switch_with_one_owner_equals_that_adapter(tiny_chat_model):
     assert torch.allclose(oracle, single, atol=1e-5)
 
 
+def assert_switches_at(model, batch, decision, switch: int, first_route: str | None) -> None:
+    """Causality gives an independent reference: positions before ``switch`` saw only the first route."""
+    with torch.no_grad():
+        routed = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                       routing_decision=decision).logits
+        first = model(batch.input_ids, attention_mask=batch.attention_mask, adapter_names=[first_route]).logits
+    assert torch.allclose(routed[0, :switch], first[0, :switch], atol=1e-5)
+    assert not torch.allclose(routed[0, switch:], first[0, switch:], atol=1e-3)
+
+
+def test_oracle_switch_runs_base_owned_segments_without_adapters(tiny_chat_model):
+    """A segment owned by ``__base__`` runs the bare base there, and the owner's adapter after."""
+    model = tiny_chat_model
+    add_random_adapters(model)
+    example = ToyExample("t-3", "slots", "abc what", "xy12",
+                         meta={"segments": [["xy", "__base__"], ["12", "beta"]]})
+    batch = make_batch(model.tokenizer, [example])
+    decision = oracle_switch()(model, batch)["routing_decision"]
+    owners = position_owners(batch.items[0], batch.input_ids.shape[1])
+    names = list(model.adapter_names)
+    assert decision.ids[:, 0].tolist() == [names.index(o) if o == "beta" else -1 for o in owners]
+    assert decision.weights[:, 0].tolist() == [1.0 if o == "beta" else 0.0 for o in owners]
+    assert_switches_at(model, batch, decision, owners.index("beta"), first_route=None)
+
+
 def test_oracle_switch_routes_each_position_by_the_token_it_predicts(tiny_chat_model):
     model = tiny_chat_model
     add_random_adapters(model)
@@ -80,14 +105,7 @@ def test_oracle_switch_routes_each_position_by_the_token_it_predicts(tiny_chat_m
     decision = oracle_switch()(model, batch)["routing_decision"]
     names = list(model.adapter_names)
     assert [names[i] for i in decision.ids[:, 0].tolist()] == owners
-    # Causality gives an independent reference: positions before the switch saw only alpha.
-    switch = owners.index("beta")
-    with torch.no_grad():
-        routed = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                       routing_decision=decision).logits
-        alpha = model(batch.input_ids, attention_mask=batch.attention_mask, adapter_names=["alpha"]).logits
-    assert torch.allclose(routed[0, :switch], alpha[0, :switch], atol=1e-5)
-    assert not torch.allclose(routed[0, switch:], alpha[0, switch:], atol=1e-3)
+    assert_switches_at(model, batch, decision, owners.index("beta"), first_route="alpha")
     assert teacher_forced_exact(model, [example], oracle_switch()) == teacher_forced_exact(
         model, [example], lambda m, b: {"routing_decision": decision})
 
