@@ -83,7 +83,10 @@ def test_fsdp_on_cpu_is_refused_by_accelerate(tiny_base_dir, tmp_path):
            *_args(tiny_base_dir, data, tmp_path / "fsdp", batch_size=2)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode != 0 and not (tmp_path / "fsdp").exists()
-    assert "There are currently no available devices found, must be one of 'XPU', 'CUDA'" in proc.stderr
+    # accelerate words the refusal by where it stops: no accelerator found, or FSDP's CPU check
+    refusals = ("There are currently no available devices found, must be one of 'XPU', 'CUDA'",
+                "FSDP parameter initialization with `sync_module_states=True` is not supported on cpu")
+    assert any(refusal in proc.stderr for refusal in refusals), proc.stderr[-2000:]
 
 
 #: What transformers' Trainer fills in a DeepSpeed config from its own arguments.
