@@ -11,8 +11,10 @@ version) serve the whole batch in one shrink and one expand::
     out += h @ B_all                       # [T, H_out]
 
 which is exactly ``y[t] = out[t] + sum_p w_p s_a B_a A_a x[t]`` (the zero columns add
-nothing). The expand runs per active adapter over its own columns, so a row's bits never
-depend on which other adapters are loaded or which other rows are in the batch. It reads
+nothing). The expand runs per active adapter over its own columns (when every adapter is
+routed and ranks are equal, as one batched GEMM with the same per-adapter products), the
+products are summed in slot order and then added, so a row's bits never depend on which
+other adapters are loaded or which other rows are in the batch. It reads
 each adapter's weights once, like the grouped path, and computes ``T x R_total`` ranks
 instead of the routed ones, so it is used only when that waste is smaller than the grouped
 path's per-adapter overhead (:func:`prefer_dense`). Plain torch ops: autograd differentiates
@@ -28,6 +30,9 @@ from moa.kernels.metadata import LoraStack, PackedLora, RoutingMetadata
 
 #: The fixed cost of one adapter group in the grouped path, in (token x rank) units of work.
 GROUP_OVERHEAD = 4096
+#: Below this many adapters torch sums a dimension in order, like a running sum (checked in
+#: tests/kernels); from it on the batched expand is not used.
+_SEQUENTIAL_SUM = 16
 
 
 def prefer_dense(stack: LoraStack, meta: RoutingMetadata) -> bool:
@@ -81,7 +86,7 @@ def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: to
     packed = stack.packed()
     ranks = stack.ranks
     offsets = meta.extra(("rank_offsets", tuple(ranks)), lambda: packed.rank_offsets.tolist())
-    active = [slot for slot in meta.active_adapters if ranks[slot]]
+    active = sorted(slot for slot in meta.active_adapters if ranks[slot])
     tracking = torch.is_grad_enabled()
     coefficients = _coefficients(stack, packed, meta, x.dtype)
     everyone = len(active) == sum(1 for r in ranks if r)
@@ -92,16 +97,30 @@ def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: to
     cast = out.dtype != x.dtype
     # One expand per routed adapter over its own rank columns (not one over all columns: a
     # running sum over k is not bit-stable when zero columns are added, so a row's result
-    # would depend on which other adapters are loaded); the rows that do not use the
-    # adapter add exact zeros.
-    for slot in active:
-        start, end = offsets[slot], offsets[slot + 1]
-        if scaled is not None:
-            h = scaled[:, start:end]
-        else:
-            h = x @ packed.lora_a[start:end].t() * coefficients[:, start:end]
-        lora_b = packed.lora_b[start:end]
-        if cast:
-            h, lora_b = h.to(out.dtype), lora_b.to(out.dtype)
-        out = torch.addmm(out, h, lora_b) if tracking else out.addmm_(h, lora_b)
-    return out
+    # would depend on which other adapters are loaded). The adapters' products are summed
+    # in slot order, then added to ``out``; the rows that do not use an adapter add exact
+    # zeros, so a row's sum is the same whichever other adapters and rows are present.
+    rank = ranks[active[0]] if active else 0
+    if scaled is not None and not cast and 1 < len(active) < _SEQUENTIAL_SUM and all(ranks[s] == rank for s in active):
+        # every adapter routed, equal ranks: all the expands in one batched GEMM; its
+        # per-adapter products equal the loop's, and a sum over fewer than 16 adapters
+        # runs in slot order, as the loop's running sum does
+        per_adapter = torch.bmm(scaled.view(-1, len(active), rank).transpose(0, 1),
+                                packed.lora_b.view(len(active), rank, -1))
+        delta = per_adapter.sum(0)
+    else:
+        delta = None
+        for slot in active:
+            start, end = offsets[slot], offsets[slot + 1]
+            if scaled is not None:
+                h = scaled[:, start:end]
+            else:
+                h = x @ packed.lora_a[start:end].t() * coefficients[:, start:end]
+            lora_b = packed.lora_b[start:end]
+            if cast:
+                h, lora_b = h.to(out.dtype), lora_b.to(out.dtype)
+            product = h @ lora_b
+            delta = product if delta is None else (delta + product if tracking else delta.add_(product))
+    if delta is None:
+        return out
+    return out + delta if tracking else out.add_(delta)

@@ -64,3 +64,44 @@ def test_packed_buffers_follow_weights_replaced_through_data():
     grouped = lora_expand(lora_shrink(x, stack, meta), stack, meta, torch.zeros(3, 10))
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, grouped, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 16])
+def test_the_batched_expand_has_the_bits_of_one_expand_per_adapter(T):
+    """Every adapter routed, equal ranks: one batched GEMM, bit for bit the per-adapter loop
+    (each product summed in slot order, then added), for single adapters and mixtures."""
+    stack = make_stack([16] * 8, h_in=64, h_out=96)
+    gen = torch.Generator().manual_seed(T)
+    x, base = torch.randn(T, 64, generator=gen), torch.randn(T, 96, generator=gen)
+    ids = torch.full((T, 3), -1, dtype=torch.int32)
+    ids[:, 0] = torch.arange(T, dtype=torch.int32) % 8
+    if T > 1:
+        ids[-1] = torch.tensor([0, 2, 6], dtype=torch.int32)  # a three-adapter mixture
+        ids[-2, :2] = torch.tensor([1, 5], dtype=torch.int32)
+    else:  # one row: all 8 adapters must be routed for the batched expand
+        ids = torch.arange(8, dtype=torch.int32)[None]
+    weights = torch.rand(*ids.shape, generator=gen)
+    out = lora_dense(x, stack, build_metadata(ids, weights, 8), base.clone())
+    packed = stack.packed()
+    coefficients = torch.zeros(T, 8 * 16)
+    for t in range(T):
+        for a, w in zip(ids[t].tolist(), weights[t].tolist(), strict=True):
+            if a >= 0:
+                coefficients[t, a * 16:(a + 1) * 16] = torch.tensor(w) * packed.scales[a]
+    scaled = x @ packed.lora_a.t() * coefficients
+    delta = scaled[:, :16] @ packed.lora_b[:16]
+    for a in range(1, 8):
+        delta = delta + scaled[:, a * 16:(a + 1) * 16] @ packed.lora_b[a * 16:(a + 1) * 16]
+    assert torch.equal(out, base + delta)
+    torch.testing.assert_close(out.double() - base.double(), naive(x, stack, ids, weights), rtol=1e-5, atol=1e-4)
+
+
+def test_torch_sums_fewer_than_16_rows_in_order():
+    """The batched expand relies on ``sum(0)`` over < 16 adapters being a running sum."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (2, 3, 8, 15):
+        parts = torch.randn(n, 16, 300, generator=gen) * torch.logspace(-6, 6, n)[:, None, None]
+        running = parts[0].clone()
+        for part in parts[1:]:
+            running += part
+        assert torch.equal(parts.sum(0), running)
