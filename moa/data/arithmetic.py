@@ -96,10 +96,14 @@ def expression_between(
     while True:
         terms, ops = random_expression(rng)
         value = evaluate(terms, ops)
-        if low <= value <= high and (seen is None or render(terms, ops) not in seen):
-            if seen is not None:
-                seen.add(render(terms, ops))
-            return terms, ops, value
+        if not low <= value <= high:
+            continue
+        if seen is not None:
+            text = render(terms, ops)
+            if text in seen:
+                continue
+            seen.add(text)
+        return terms, ops, value
 
 
 def generate() -> dict[str, list[Example]]:

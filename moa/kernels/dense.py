@@ -86,7 +86,7 @@ def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: to
     packed = stack.packed()
     ranks = stack.ranks
     offsets = meta.extra(("rank_offsets", tuple(ranks)), lambda: packed.rank_offsets.tolist())
-    active = sorted(slot for slot in meta.active_adapters if ranks[slot])
+    active = [slot for slot in meta.active_adapters if ranks[slot]]  # in slot order
     tracking = torch.is_grad_enabled()
     coefficients = _coefficients(stack, packed, meta, x.dtype)
     everyone = len(active) == sum(1 for r in ranks if r)

@@ -65,6 +65,14 @@ def test_oracle_switch_with_one_owner_equals_that_adapter(tiny_chat_model):
     assert torch.allclose(oracle, single, atol=1e-5)
 
 
+def two_segment_batch(model, first_owner: str):
+    """Random adapters on ``model``, and a batch of one answer: ``xy`` by ``first_owner``, ``12`` by beta."""
+    add_random_adapters(model)
+    example = ToyExample("t-1", "slots", "abc what", "xy12",
+                         meta={"segments": [["xy", first_owner], ["12", "beta"]]})
+    return example, make_batch(model.tokenizer, [example])
+
+
 def assert_switches_at(model, batch, decision, switch: int, first_route: str | None) -> None:
     """Causality gives an independent reference: positions before ``switch`` saw only the first route."""
     with torch.no_grad():
@@ -78,10 +86,7 @@ def assert_switches_at(model, batch, decision, switch: int, first_route: str | N
 def test_oracle_switch_runs_base_owned_segments_without_adapters(tiny_chat_model):
     """A segment owned by ``__base__`` runs the bare base there, and the owner's adapter after."""
     model = tiny_chat_model
-    add_random_adapters(model)
-    example = ToyExample("t-3", "slots", "abc what", "xy12",
-                         meta={"segments": [["xy", "__base__"], ["12", "beta"]]})
-    batch = make_batch(model.tokenizer, [example])
+    _, batch = two_segment_batch(model, first_owner="__base__")
     decision = oracle_switch()(model, batch)["routing_decision"]
     owners = position_owners(batch.items[0], batch.input_ids.shape[1])
     names = list(model.adapter_names)
@@ -92,10 +97,7 @@ def test_oracle_switch_runs_base_owned_segments_without_adapters(tiny_chat_model
 
 def test_oracle_switch_routes_each_position_by_the_token_it_predicts(tiny_chat_model):
     model = tiny_chat_model
-    add_random_adapters(model)
-    example = ToyExample("t-1", "slots", "abc what", "xy12",
-                         meta={"segments": [["xy", "alpha"], ["12", "beta"]]})
-    batch = make_batch(model.tokenizer, [example])
+    example, batch = two_segment_batch(model, first_owner="alpha")
     item = batch.items[0]
     width = batch.input_ids.shape[1]
     owners = position_owners(item, width)
