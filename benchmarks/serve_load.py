@@ -9,6 +9,9 @@ every request costs the same). Throughput counts the tokens actually generated:
 * ``serve mixed C``: C concurrent clients over HTTP (``openai`` client) against ``moa
   serve``'s app; requests cycle through the five adapters, exact mixtures and ``auto``.
 * ``serve single C``: the same, every request on one adapter (mixed-traffic cost).
+* ``serve mixed 16, --separate-prefill``: requests that arrive while others decode are
+  prefilled in forwards of their own instead of inside the decode step
+  (:mod:`moa.serve.mixed_step`), the engine before mixed steps.
 * ``serve deterministic 16``: ``--deterministic`` (each row decoded alone).
 * ``static batches of 16``: ``model.generate`` on batches of 16 requests (left padding,
   per-row ``adapter_weights``), each batch waiting for its longest row.
@@ -101,7 +104,7 @@ def summarize(name: str, latencies: list[float], tokens: int, seconds: float) ->
     row = {"config": name, "requests": len(latencies), "tokens": tokens, "seconds": round(seconds, 2),
            "tokens_per_s": round(tokens / seconds, 2), "p50_s": round(statistics.median(latencies), 2),
            "p99_s": round(p99, 2)}
-    print(f"{name:<30} {row['tokens_per_s']:>8.1f} tok/s   p50 {row['p50_s']:>6.2f} s   p99 {row['p99_s']:>6.2f} s   "
+    print(f"{name:<36} {row['tokens_per_s']:>8.1f} tok/s   p50 {row['p50_s']:>6.2f} s   p99 {row['p99_s']:>6.2f} s   "
           f"({len(latencies)} requests, {tokens} tokens)", flush=True)
     return row
 
@@ -142,12 +145,13 @@ def drive(base_url: str, requests: list[dict[str, Any]], clients: int, new_token
     return texts, latencies, time.perf_counter() - start
 
 
-def serve(model: Any, deterministic: bool, max_batch_size: int) -> tuple[Any, Any, Any, str]:
-
+def serve(model: Any, deterministic: bool, max_batch_size: int, mixed_steps: bool = True) -> tuple[Any, Any, Any, str]:
     from moa.serve.adapter_cache import AdapterCache
     from moa.serve.app import create_app
     from moa.serve.engine import Engine
-    engine = Engine(model, max_batch_size=max_batch_size, max_queue=256, deterministic=deterministic)
+
+    engine = Engine(model, max_batch_size=max_batch_size, max_queue=256, deterministic=deterministic,
+                    mixed_steps=mixed_steps)
     cache = AdapterCache(engine, model, max_loras=None, allow_runtime_loading=False, pinned=set(model.adapter_names))
     engine.start()
     server, thread, url = start_uvicorn(create_app(engine, model, cache, served_model_name="base"))
@@ -297,13 +301,15 @@ def main() -> None:
     thread.join()
     engine.shutdown()
 
-    engine, server, thread, url = serve(model, deterministic=True, max_batch_size=32)
-    requests = workload(model, n(16), mixed=True)
-    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
-    rows.append(summarize("serve --deterministic 16", latencies, sum(t[1] for t in texts), seconds))
-    server.should_exit = True
-    thread.join()
-    engine.shutdown()
+    for name, engine_args in (("serve mixed 16, --separate-prefill", {"mixed_steps": False}),
+                              ("serve --deterministic 16", {"deterministic": True})):
+        engine, server, thread, url = serve(model, max_batch_size=32, **{"deterministic": False, **engine_args})
+        requests = workload(model, n(16), mixed=True)
+        texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
+        rows.append(summarize(name, latencies, sum(t[1] for t in texts), seconds))
+        server.should_exit = True
+        thread.join()
+        engine.shutdown()
 
     rows.append(static_batches(model, workload(model, n(16), mixed=True), args.new_tokens, 16, min_tokens))
 
@@ -328,6 +334,8 @@ def main() -> None:
                                                          2),
             "mixed_over_single_16": round(by["serve mixed 16"] / by["serve single-adapter 16"], 3),
             "deterministic_over_batched_16": round(by["serve --deterministic 16"] / by["serve mixed 16"], 3),
+            "mixed_steps_over_separate_prefill_16": round(
+                by["serve mixed 16"] / by["serve mixed 16, --separate-prefill"], 3),
         }
         print("ratios:", ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,8 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         )
     model = moa.MixtureModel.from_pretrained(args.base, quantization=None if args.quantization == "none" else "nf4")
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                    deterministic=args.deterministic, max_prompt_tokens=args.max_prompt_tokens,
+                    deterministic=args.deterministic, mixed_steps=not args.separate_prefill,
+                    max_prompt_tokens=args.max_prompt_tokens,
                     max_prefill_tokens=args.max_prefill_tokens)
     cache = AdapterCache(engine, model, max_loras=args.max_loras, allow_runtime_loading=args.allow_runtime_loading,
                          pinned=set(routed))
@@ -202,10 +203,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="prefill and decode each request alone: answers bit-identical to model.generate of that request, "
                         "at the cost of batching")
+    p.add_argument("--separate-prefill", action="store_true",
+                   help="prefill requests that arrive while others decode in a forward of their own, instead of "
+                        "inside the next decode step's forward (the default, as vLLM's chunked prefill; measured "
+                        "in benchmarks/serve_load.py)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the base's context minus 1); longer get 400")
     p.add_argument("--max-prefill-tokens", type=int, default=2048,
-                   help="prompt tokens of newly admitted requests prefilled together in one packed forward, at "
+                   help="prompt tokens of newly admitted requests prefilled together in one forward, at "
                         "most; lower it to shorten the pause new requests cause the running ones (default %(default)s)")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="largest request body accepted, in bytes; larger get 413 (default %(default)s)")

@@ -137,15 +137,24 @@ class BatchCache:
             for k, v in layer_tensors(self.cache)
         ])
 
+    def attention_mask(self) -> torch.Tensor:
+        """``[B, L + 1]``: the mask of a step that adds one token per row."""
+        ones = torch.ones(self.size, 1, dtype=self.mask.dtype, device=self.mask.device)
+        return torch.cat([self.mask, ones], dim=1)
+
+    def restore(self, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back the per-layer keys/values read with :func:`layer_tensors` before a step
+        that failed (a forward may have grown some layers before it raised)."""
+        self.cache = _cache_from(tensors)
+
     def step_inputs(
         self, tokens: Sequence[int], positions: Sequence[int], device: torch.device, cache_key: str
     ) -> dict[str, Any]:
         """The inputs of one decode step: each row's last token at its own position."""
-        ones = torch.ones(self.size, 1, dtype=self.mask.dtype, device=self.mask.device)
         return {
             "input_ids": torch.tensor([[t] for t in tokens], dtype=torch.long, device=device),
             "position_ids": torch.tensor([[p] for p in positions], dtype=torch.long, device=device),
-            "attention_mask": torch.cat([self.mask, ones], dim=1),
+            "attention_mask": self.attention_mask(),
             cache_key: self.cache,
         }
 

@@ -7,15 +7,18 @@ the longest. Each step:
 1. run the admin calls queued by the app (adapter load/unload) — between two steps, so
    no forward ever sees the bank change under it;
 2. drop cancelled rows (a client that went away);
-3. admit queued requests up to ``max_batch_size``: the requests admitted together are
-   prefilled in ONE forward, their prompts packed end to end without padding
+3. admit queued requests up to ``max_batch_size``, each one's router decision made here,
+   once, from its prompt alone (for ``auto``). With no row running, the requests admitted
+   together are prefilled in ONE forward, their prompts packed end to end without padding
    (:mod:`moa.serve.packing`; a lone request gets exactly the ops of ``model.generate`` on
-   it alone), and each one's first token is sampled; a request asking for the router gets
-   its decision here, once, from its prompt alone;
+   it alone), and each one's first token is sampled;
 4. decode one token for every running row in ONE forward: the rows' KV caches live in one
    left-padded batch cache (joined when a row arrives, sliced when one leaves), each row
    keeps its own routing (named, weighted or routed — moa's per-row routing puts them in
-   one batch) and its own positions.
+   one batch) and its own positions. Requests admitted while rows run are prefilled inside
+   this same forward (a mixed step, :mod:`moa.serve.mixed_step`), so an arrival does not
+   cost the running rows a forward of its own (``mixed_steps=False``: they are prefilled
+   first, packed, as in 3).
 
 ``deterministic=True`` prefills and decodes each row alone instead (batch 1, its own cache): every
 answer is then bit-identical to ``model.generate`` of that request alone, whatever else
@@ -28,20 +31,20 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
-from moa.serve import packing
+from moa.errors import MoaError
+from moa.serve import mixed_step, packing
 from moa.serve.batch_cache import BatchCache, cache_argument, layer_tensors, new_cache, prefill_inputs
+from moa.serve.handle import RequestHandle
 from moa.serve.openmp import release_idle_openmp_threads
 from moa.serve.requests import (
     BadRequestError,
-    Completion,
     EngineDeadError,
     GenerationRequest,
     OverloadedError,
@@ -53,85 +56,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class RequestHandle:
-    """The client side of one request: its token events and its completion.
-
-    Events reach an asyncio consumer through its event loop (captured when the request
-    was submitted from a running loop), or a blocking consumer through :meth:`wait`.
-    """
-
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None):
-        self.request_id = request.request_id
-        self._loop = loop
-        self._events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._blocking: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._completion: Completion | None = None
-        self._error: BaseException | None = None
-        self.cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request at its next step (finish reason "cancelled")."""
-        self.cancelled.set()
-
-    # -- engine side -----------------------------------------------------------------------
-
-    def _push(self, item: Any) -> None:
-        if self._events is None:
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
-        except RuntimeError:  # the client's loop is closed: nobody listens any more
-            self.cancelled.set()
-
-    def emit(self, event: Any) -> None:
-        """Deliver one :class:`~moa.serve.requests.TokenEvent` (engine thread)."""
-        self._push(event)
-
-    def finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
-        """Deliver the end of the request (engine thread)."""
-        self._completion, self._error = completion, error
-        self._done.set()
-        self._push(error if error is not None else completion)
-
-    # -- client side -----------------------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    async def events(self) -> AsyncIterator[Any]:
-        """Each generated token's event, in order; ends when the request ends."""
-        if self._events is None:
-            raise RuntimeError("This request was submitted outside an event loop; use wait().")
-        while True:
-            item = await self._events.get()
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, Completion):
-                return
-            yield item
-
-    async def result(self) -> Completion:
-        """Wait for the end (consuming the events) and return the completion."""
-        if not self.done:
-            async for _ in self.events():
-                pass
-        if self._error is not None:
-            raise self._error
-        assert self._completion is not None
-        return self._completion
-
-    def wait(self, timeout: float | None = None) -> Completion:
-        """Block until the request ends; return its completion (or raise its error)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"Request {self.request_id} did not finish within {timeout} s.")
-        if self._error is not None:
-            raise self._error
-        assert self._completion is not None
-        return self._completion
-
-
 class Engine:
     """Continuous batching over one :class:`~moa.MixtureModel`.
 
@@ -141,6 +65,9 @@ class Engine:
         max_batch_size: Rows decoded together at most.
         max_queue: Requests waiting at most; more are refused (:class:`OverloadedError`).
         deterministic: Decode each row alone (answers bit-identical to ``generate`` alone).
+        mixed_steps: Prefill requests that arrive while rows run inside the next decode
+            step's forward (:mod:`moa.serve.mixed_step`) instead of a forward of their own.
+            Needs a base with SDPA attention (else off); ignored when ``deterministic``.
         max_prompt_tokens: Longest prompt accepted (default: the base's context minus 1).
         max_prefill_tokens: Prompt tokens prefilled together in one packed forward at most
             (a longer prompt is prefilled alone); bounds how long one admission stalls the
@@ -154,6 +81,7 @@ class Engine:
         max_batch_size: int = 16,
         max_queue: int = 64,
         deterministic: bool = False,
+        mixed_steps: bool = True,
         max_prompt_tokens: int | None = None,
         max_prefill_tokens: int = 2048,
     ):
@@ -163,6 +91,9 @@ class Engine:
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
         self.deterministic = bool(deterministic)
+        # Mixed steps switch the base's attention to moa's (plain SDPA outside them), so
+        # they need an SDPA base; a deterministic engine runs every row alone anyway.
+        self.mixed_steps = bool(mixed_steps) and not self.deterministic and mixed_step.enable(model)
         context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_context = context
         self.max_prompt_tokens = min(int(max_prompt_tokens or context - 1), context - 1)
@@ -184,6 +115,7 @@ class Engine:
         self.steps = 0
         self.prefill_forwards = 0  # prefill forwards run (a packed one counts once)
         self.prefilled_requests = 0
+        self.mixed_steps_run = 0  # forwards that decoded and prefilled together
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -288,11 +220,13 @@ class Engine:
         return dict(counts)
 
     def stats(self) -> dict[str, int]:
-        """Queue depth, running rows, batch size cap, decode steps and prefill forwards so far."""
+        """Queue depth, running rows, batch size cap, decode steps, prefill forwards (mixed steps
+        included) and mixed steps so far."""
         with self._cond:
             return {"queued": len(self._waiting), "running": len(self._running),
                     "max_batch_size": self.max_batch_size, "steps": self.steps,
-                    "prefill_forwards": self.prefill_forwards, "prefilled_requests": self.prefilled_requests}
+                    "prefill_forwards": self.prefill_forwards, "prefilled_requests": self.prefilled_requests,
+                    "mixed_steps": self.mixed_steps_run}
 
     def running_adapters(self) -> tuple[list[str], list[str]]:
         """(adapters of running rows, adapters of waiting rows), for the LoRA info gauge."""
@@ -335,33 +269,45 @@ class Engine:
             self._cancel_all()
             return False
         self._drop_cancelled()
-        self._admit()
-        if self._running:
-            self._decode()
+        if self.mixed_steps and self._running:
+            self._step_admitting()
+        else:
+            self._admit()
+            if self._running:
+                self._decode()
         return True
 
     def _admit(self) -> None:
+        """Prefill waiting requests (packed, in forwards of their own) while rows are free."""
         while len(self._running) < self.max_batch_size:
-            with self._cond:
-                rows = self._take_waiting(self.max_batch_size - len(self._running))
-                if not rows:
-                    return
-                self._admitting = rows  # still counted by in_use()
-            prefilled = self._prefill(rows)
-            with self._cond:
-                self._admitting = []
-                admitted = [(row, kv) for row, kv in zip(rows, prefilled, strict=True)
-                            if kv is not None and not row.finished]
-                self._running.extend(row for row, _ in admitted)
-            if not admitted:
-                continue
-            if self.deterministic:
-                for row, kv in admitted:
-                    row.cache = kv
-            elif self._batch is None:
-                self._batch = BatchCache.from_rows([kv for _, kv in admitted])
-            else:
-                self._batch.join_rows([kv for _, kv in admitted])
+            rows = self._pop_waiting()
+            if not rows:
+                return
+            self._join(rows, self._prefill(rows))
+
+    def _pop_waiting(self) -> list[Row]:
+        """Take the next requests to admit (:meth:`_take_waiting`), still counted by ``in_use()``."""
+        with self._cond:
+            rows = self._take_waiting(self.max_batch_size - len(self._running))
+            self._admitting = rows
+        return rows
+
+    def _join(self, rows: list[Row], prefilled: list[Any]) -> None:
+        """Add the prefilled rows (``None``: cancelled or failed) that are not finished to the batch."""
+        with self._cond:
+            self._admitting = []
+            admitted = [(row, kv) for row, kv in zip(rows, prefilled, strict=True)
+                        if kv is not None and not row.finished]
+            self._running.extend(row for row, _ in admitted)
+        if not admitted:
+            return
+        if self.deterministic:
+            for row, kv in admitted:
+                row.cache = kv
+        elif self._batch is None:
+            self._batch = BatchCache.from_rows([kv for _, kv in admitted])
+        else:
+            self._batch.join_rows([kv for _, kv in admitted])
 
     def _take_waiting(self, free: int) -> list[Row]:
         """Pop the requests to prefill together: up to ``free`` rows and the token budget
@@ -385,6 +331,11 @@ class Engine:
         Several rows are prefilled in one packed forward; if that forward fails, each row is
         retried alone, so one bad request never fails the others.
         """
+        return self._prefill_started(rows, self._start(rows))
+
+    def _start(self, rows: list[Row]) -> list[Row]:
+        """Start the rows' prefill: drop the cancelled ones, ask the router for ``auto`` ones;
+        returns those still alive."""
         live: list[Row] = []
         for row in rows:
             try:
@@ -396,6 +347,10 @@ class Engine:
                 live.append(row)
             except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
                 self._fail(row, error)
+        return live
+
+    def _prefill_started(self, rows: list[Row], live: list[Row]) -> list[Any]:
+        """:meth:`_prefill` of ``rows`` once :meth:`_start` gave the ``live`` ones."""
         caches: dict[int, Any] = {}
         if len(live) > 1:
             try:
@@ -453,13 +408,75 @@ class Engine:
         out = model(**inputs, **{self._cache_key: cache}, use_cache=True, **routing)
         self.prefill_forwards += 1
         self.prefilled_requests += len(rows)
-        per_row = packing.split(layer_tensors(cache), lengths)
+        self._accept_first_tokens(rows, out.logits[0])
+        return packing.split(layer_tensors(cache), lengths)
+
+    def _accept_first_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Each new row's first token from its prompt's last logits (``logits[i]``)."""
         for index, row in enumerate(rows):
             try:
-                row.accept(out.logits[0, index])
+                row.accept(logits[index])
             except Exception as error:  # noqa: BLE001 - this row only
                 self._fail(row, error)
-        return per_row
+
+    def _step_admitting(self) -> None:
+        """Decode the running rows and prefill newly admitted requests in ONE forward.
+
+        A mixed step (:mod:`moa.serve.mixed_step`); with nothing to admit it is a plain decode
+        step. If the mixed forward fails, the batch cache is put back as it was and the new
+        requests are prefilled on their own (:meth:`_prefill`), so no row is lost.
+        """
+        rows = self._pop_waiting()
+        live = self._start(rows) if rows else []
+        if not live:
+            self._join(rows, [None] * len(rows))
+            self._decode()
+            return
+        running = list(self._running)
+        try:
+            logits, prompt_kv = self._mixed_forward(running, live)
+        except Exception as error:  # noqa: BLE001 - the new requests are prefilled the other way
+            logger.warning("A mixed decode + prefill step failed (%s); prefilling the %d new requests on "
+                           "their own.", error, len(live))
+            self._join(rows, self._prefill_started(rows, live))
+            self._decode()
+            return
+        for i, row in enumerate(running):
+            row.accept(logits[i])
+        self._accept_first_tokens(live, logits[len(running):])
+        self._remove([i for i, row in enumerate(running) if row.finished])
+        by_row = dict(zip(map(id, live), prompt_kv, strict=True))
+        self._join(rows, [by_row.get(id(row)) for row in rows])
+
+    def _mixed_forward(self, running: list[Row], live: list[Row]) -> tuple[torch.Tensor, list[Any]]:
+        """The mixed step's forward: per kept position its logits (running rows, then new
+        prompts), and each new prompt's keys/values. The batch cache grows by one column."""
+        model = self.model
+        if not mixed_step.supports(model):  # someone switched the base's attention under us
+            raise MoaError("The base's attention is no longer moa's; mixed steps are off for this step.")
+        batch = self._batch
+        assert batch is not None
+        before = layer_tensors(batch.cache)
+        prompts = [row.request.prompt_ids for row in live]
+        lengths = [len(p) for p in prompts]
+        cache = mixed_step.StepCache(batch.cache, len(running), lengths)
+        inputs = mixed_step.step_inputs([row.last_token for row in running], [row.length - 1 for row in running],
+                                        prompts, model.device)
+        rows = [*running, *live]
+        routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
+                                         [1] * len(running) + lengths, model.adapter_names)
+        try:
+            out = model(**inputs, **{self._cache_key: cache}, use_cache=True,
+                        moa_step=mixed_step.StepLayout(cache, batch.attention_mask()), **routing)
+        except BaseException:
+            batch.restore(before)
+            raise
+        batch.advance()
+        self.steps += 1
+        self.mixed_steps_run += 1
+        self.prefill_forwards += 1
+        self.prefilled_requests += len(live)
+        return out.logits[0], cache.prompt_rows()
 
     def _decode(self) -> None:
         rows = list(self._running)

@@ -13,7 +13,8 @@ from moa.serve.packing import from_layer_argument
 from moa.serve.requests import Completion, GenerationRequest, TokenEvent
 
 if TYPE_CHECKING:
-    from moa.serve.engine import Engine, RequestHandle
+    from moa.serve.engine import Engine
+    from moa.serve.handle import RequestHandle
 
 
 class Row:

@@ -25,7 +25,7 @@ from moa.serve import packing
 from moa.serve.batch_cache import BatchCache, cache_argument, layer_tensors, new_cache
 from moa.serve.engine import Engine
 from moa.serve.requests import GenerationRequest, RowRouting, SamplingParams
-from moa.testing.fixtures import make_tiny_model
+from tests.serve.helpers import routed_tiny_model
 
 RANKS = {"sql": 4, "code": 8, "french": 16}
 PROMPTS = [[5, 9, 13, 2, 7], [40, 41], [3, 3, 3, 3, 3, 3, 3, 3, 3], [100, 7, 19, 54]]
@@ -35,17 +35,7 @@ FROM_LAYERS = [0, 0, 0, 2]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    tiny = make_tiny_model()
-    for name, rank in RANKS.items():
-        tiny.add_adapter(name, moa.LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
-                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
-        with torch.no_grad():  # large enough that every adapter visibly changes the answers
-            for layer in tiny.adapter_layers(name).values():
-                for pname, param in layer.named_parameters():
-                    if pname.startswith("lora_B"):
-                        param.mul_(4.0)
-    return tiny
+    return routed_tiny_model(RANKS)
 
 
 def alone(model, prompt, mixture, from_layer):

@@ -1,0 +1,177 @@
+"""One forward that decodes the running rows and prefills newly admitted prompts together.
+
+On a CPU a forward's cost is nearly flat in its token count up to a few dozen tokens: the
+weights are read once whatever the batch (default base, fp32, 2 threads: one sequence of
+1 token ~100 ms, 16 tokens ~200 ms, 64 tokens ~330 ms). A request that arrives while 15
+rows decode therefore cost a whole extra forward (its prefill) on top of the decode step.
+Piggybacking the prompt on the decode step (as Sarathi-Serve and vLLM's chunked prefill
+do) pays for the weights once: the step's tokens are packed into one sequence, the running
+rows' one token each first, then each new prompt whole::
+
+    [ row 0 | row 1 | ... | row B-1 | prompt 0 ... | prompt 1 ... ]
+
+* positions: each running row's token at its own position, each prompt's from 0;
+* routing: per token, each token carries its request's mixture and first adapter layer
+  (as the packed prefill, :mod:`moa.serve.packing`);
+* attention: only the attention differs from a plain forward, so the base runs with
+  moa's attention function (:data:`ATTENTION`, registered with transformers'
+  ``AttentionInterface``). Outside a mixed step it IS transformers' SDPA attention (the
+  same function, same arguments, so ``generate`` on the model is bit for bit unchanged).
+  Inside one (the ``moa_step`` keyword argument reaches it through the model's kwargs), the
+  running rows' queries attend to their left-padded batch cache exactly as in a decode
+  step, and each prompt's queries attend causally to that prompt alone, as in its own
+  prefill: no token sees another request's keys, and no work is spent on masked pairs;
+* KV cache: :class:`StepCache` appends the running rows' new keys/values to the batch
+  cache and keeps each prompt's, which then join the batch as a packed prefill's do.
+
+Only bases whose attention is transformers' SDPA are supported (:func:`supports`); the
+engine prefills separately otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from moa.serve import packing
+
+#: The name moa's attention is registered under in transformers' ``AttentionInterface``.
+ATTENTION = "moa_serve"
+#: The attention implementation a mixed step builds on (and the one it stands in for).
+_BASE_ATTENTION = "sdpa"
+
+
+def supports(model: Any) -> bool:
+    """Whether ``model``'s base can run mixed steps (its attention is SDPA or moa's)."""
+    # transformers documents ``config._attn_implementation`` as the way to read the choice.
+    config = getattr(getattr(model, "base_model", None), "config", None)
+    return getattr(config, "_attn_implementation", None) in (_BASE_ATTENTION, ATTENTION)
+
+
+def enable(model: Any) -> bool:
+    """Switch ``model``'s base to moa's attention (SDPA outside mixed steps).
+
+    Returns:
+        Whether mixed steps can run (``False``, nothing changed, for a non-SDPA base).
+    """
+    if not supports(model):
+        return False
+    _register()
+    if model.base_model.config._attn_implementation != ATTENTION:
+        model.base_model.set_attn_implementation(ATTENTION)
+    return True
+
+
+def disable(model: Any) -> None:
+    """Give ``model``'s base back plain SDPA attention."""
+    if supports(model) and model.base_model.config._attn_implementation == ATTENTION:
+        model.base_model.set_attn_implementation(_BASE_ATTENTION)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # masks built as for SDPA, outside mixed steps
+
+
+class StepCache:
+    """The KV cache of one mixed step, as the base's attention layers call it.
+
+    Args:
+        batch_layers: The running rows' batch cache (a ``DynamicCache``), grown in place by
+            one column per layer, as a decode step grows it.
+        rows: Running rows (their tokens come first in the packed sequence).
+        prompt_lengths: Each new prompt's token count, in packed order.
+    """
+
+    def __init__(self, batch_layers: Any, rows: int, prompt_lengths: Sequence[int]):
+        self.batch = batch_layers
+        self.rows = rows
+        self.prompt_lengths = list(prompt_lengths)
+        self.decode_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prompt_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the running rows' new keys/values (``[1, kv_heads, T, head_dim]``, packed)
+        to the batch cache, keep the prompts'; hand the packed ones on to the attention."""
+        b = self.rows
+        per_row = (keys[0, :, :b].transpose(0, 1).unsqueeze(2), values[0, :, :b].transpose(0, 1).unsqueeze(2))
+        self.decode_kv[layer_idx] = self.batch.update(*per_row, layer_idx)
+        self.prompt_kv[layer_idx] = (keys[:, :, b:], values[:, :, b:])
+        return keys, values
+
+    def prompt_rows(self) -> list[packing.RowKV]:
+        """Each new prompt's per-layer keys/values (batch 1), ready to join the batch."""
+        layers = [self.prompt_kv[i] for i in sorted(self.prompt_kv)]
+        return packing.split(layers, self.prompt_lengths)
+
+
+class StepLayout:
+    """What moa's attention needs to split a mixed step (passed as ``moa_step=``).
+
+    Attributes:
+        cache: The step's :class:`StepCache`.
+        decode_mask: ``[B, 1, 1, L + 1]`` bool, True where a running row may attend
+            (``None`` when no row has padding), as transformers builds it for SDPA.
+    """
+
+    def __init__(self, cache: StepCache, padding_mask: torch.Tensor):
+        self.cache = cache
+        self.decode_mask = None if bool(padding_mask.all()) else padding_mask.bool()[:, None, None, :]
+
+
+def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """moa's attention: transformers' SDPA, split per request inside a mixed step.
+
+    Returns ``([1, T, heads, head_dim], None)`` in a mixed step, else SDPA's own result.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout: StepLayout | None = kwargs.pop("moa_step", None)
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    cache = layout.cache
+    b = cache.rows
+    keys, values = cache.decode_kv[module.layer_idx]
+    row_queries = query[0, :, :b].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
+    decoded, _ = sdpa_attention_forward(module, row_queries, keys, values, layout.decode_mask, **kwargs)
+    outputs = [decoded.transpose(0, 1)]  # [1, B, heads, head_dim]
+    start = b
+    for length in cache.prompt_lengths:
+        piece = slice(start, start + length)
+        prefilled, _ = sdpa_attention_forward(module, query[:, :, piece], key[:, :, piece], value[:, :, piece],
+                                              None, **kwargs)  # causal within the prompt, as its own prefill
+        outputs.append(prefilled)
+        start += length
+    return torch.cat(outputs, dim=1), None
+
+
+def step_inputs(
+    tokens: Sequence[int],
+    positions: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """``input_ids``, ``position_ids`` and ``logits_to_keep`` of one mixed step.
+
+    The kept logits are each running row's (its next token), then each prompt's last
+    token's (its first token), in that order. ``attention_mask`` is an empty 4D tensor:
+    transformers then builds no mask (moa's attention makes its own per request).
+    """
+    lengths = [len(p) for p in prompts]
+    ids = [*tokens, *(t for p in prompts for t in p)]
+    pos = [*positions, *(i for n in lengths for i in range(n))]
+    rows = len(tokens)
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1 + rows
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long, device=device),
+        "position_ids": torch.tensor([pos], dtype=torch.long, device=device),
+        "attention_mask": torch.ones(1, 1, 0, 0, dtype=torch.bool, device=device),
+        "logits_to_keep": torch.cat([torch.arange(rows), ends]).to(device),
+    }
