@@ -136,13 +136,18 @@ def drive(base_url: str, requests: list[dict[str, Any]], clients: int, new_token
                 texts[i] = (response.choices[0].message.content, response.usage.completion_tokens,
                             response.model_extra["moa"]["routing"])
 
+    return texts, latencies, run_clients(worker, clients)
+
+
+def run_clients(worker: Any, clients: int) -> float:
+    """Run ``worker`` on ``clients`` threads at once; the seconds until the last one ends."""
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return texts, latencies, time.perf_counter() - start
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
 
 
 def serve(model: Any, deterministic: bool, max_batch_size: int, mixed_steps: bool = True) -> tuple[Any, Any, Any, str]:

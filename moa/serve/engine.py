@@ -456,7 +456,7 @@ class Engine:
             raise MoaError("The base's attention is no longer moa's; mixed steps are off for this step.")
         batch = self._batch
         assert batch is not None
-        before = layer_tensors(batch.cache)
+        before = batch.snapshot()
         prompts = [row.request.prompt_ids for row in live]
         lengths = [len(p) for p in prompts]
         cache = mixed_step.StepCache(batch.cache, len(running), lengths)

@@ -82,8 +82,8 @@ class StepCache:
     """The KV cache of one mixed step, as the base's attention layers call it.
 
     Args:
-        batch_layers: The running rows' batch cache (a ``DynamicCache``), grown in place by
-            one column per layer, as a decode step grows it.
+        batch_layers: The running rows' batch cache (``BatchCache.cache``), grown by one
+            column per layer, as a decode step grows it.
         rows: Running rows (their tokens come first in the packed sequence).
         prompt_lengths: Each new prompt's token count, in packed order.
     """
