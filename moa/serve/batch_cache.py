@@ -107,7 +107,11 @@ class SlotLayer(DynamicLayer):
         if key_states.shape[0] != self.rows:
             raise MoaError(f"This batch cache holds {self.rows} rows; a step gave keys for {key_states.shape[0]}.")
         if self.end + n > self.key_buffer.shape[2]:
-            self.resize(self.key_buffer.shape[0], self.end + n + max(_SPARE_COLUMNS, self.end // 4), 0)
+            # full: move the used part back to the left (columns left of ``start`` only padded
+            # rows that have left; without this a server that never empties its batch would
+            # grow the buffers forever) and leave room for a quarter more
+            width = self.end - self.start + n
+            self.resize(self.key_buffer.shape[0], 2 * _SPARE_COLUMNS + width + width // 4, _SPARE_COLUMNS - self.start)
         self.key_buffer[: self.rows, :, self.end: self.end + n] = key_states
         self.value_buffer[: self.rows, :, self.end: self.end + n] = value_states
         self.end += n
@@ -115,7 +119,8 @@ class SlotLayer(DynamicLayer):
         return self.keys, self.values
 
     def resize(self, slots: int, capacity: int, shift: int) -> None:
-        """New zeroed buffers of ``slots`` x ``capacity``; the used part moves ``shift`` columns right."""
+        """New zeroed buffers of ``slots`` x ``capacity``; the used part moves ``shift`` columns
+        right (left when negative)."""
         keys = self.key_buffer.new_zeros(slots, self.key_buffer.shape[1], capacity, self.key_buffer.shape[3])
         values = torch.zeros_like(keys)
         used = slice(self.start + shift, self.end + shift)
@@ -209,13 +214,14 @@ class BatchCache:
             layer.refresh()
 
     def snapshot(self) -> list[int]:
-        """Each layer's used end, to :meth:`restore` after a step that failed."""
-        return [layer.end for layer in self.layers]
+        """Each layer's used width, to :meth:`restore` after a step that failed."""
+        return [layer.end - layer.start for layer in self.layers]
 
-    def restore(self, ends: list[int]) -> None:
-        """Forget what a failed step wrote (a forward may have grown some layers before it raised)."""
-        for layer, end in zip(self.layers, ends, strict=True):
-            layer.end = end
+    def restore(self, widths: list[int]) -> None:
+        """Forget what a failed step wrote (a forward may have grown, even moved, some layers
+        before it raised): each layer keeps its first ``widths`` used columns."""
+        for layer, width in zip(self.layers, widths, strict=True):
+            layer.end = layer.start + width
             layer.refresh()
 
     def attention_mask(self) -> torch.Tensor:

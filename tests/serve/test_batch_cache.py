@@ -80,16 +80,37 @@ def test_random_joins_leaves_and_steps_keep_the_left_padded_stack(seed):
         check(batch, rows)
 
 
-def test_a_restored_snapshot_forgets_a_failed_step():
+@pytest.mark.parametrize("full", [False, True])
+def test_a_restored_snapshot_forgets_a_failed_step(full):
+    """Also when the failed step's write had to grow and move layer 0's buffers."""
     rng = random.Random(0)
     rows = [random_row(rng, n) for n in (4, 9)]
     batch = BatchCache.from_rows(rows)
+    while full and batch.layers[0].end < batch.layers[0].key_buffer.shape[2]:
+        step(batch, rows, rng.randint(0, 10**6))
+    capacity, start = batch.layers[0].key_buffer.shape[2], batch.layers[0].start
     before = batch.snapshot()
     batch.cache.update(torch.randn(2, HEADS, 1, DIM), torch.randn(2, HEADS, 1, DIM), 0)  # layer 0 only, then a failure
+    assert (batch.layers[0].key_buffer.shape[2], batch.layers[0].start) != (capacity, start) or not full
     batch.restore(before)
     check(batch, rows)
     step(batch, rows, 1)
     check(batch, rows)
+
+
+def test_a_batch_that_never_empties_does_not_grow_without_bound():
+    """Rows come and go for many steps; the buffers stay near the live rows' width."""
+    rng = random.Random(1)
+    rows = [random_row(rng, 8) for _ in range(4)]
+    batch = BatchCache.from_rows(rows)
+    for index in range(400):
+        step(batch, rows, index)
+        if index % 10 == 9:  # the oldest row leaves, a new one joins
+            batch.keep(range(1, len(rows)))
+            rows = rows[1:] + [random_row(rng, 8)]
+            batch.join_rows(rows[-1:])
+    check(batch, rows)
+    assert batch.layers[0].key_buffer.shape[2] < 400
 
 
 def test_a_step_for_the_wrong_number_of_rows_is_refused():
