@@ -30,12 +30,15 @@ engine prefills separately otherwise.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from moa.serve import packing
+
+logger = logging.getLogger(__name__)
 
 #: The name moa's attention is registered under in transformers' ``AttentionInterface``.
 ATTENTION = "moa_serve"
@@ -58,9 +61,14 @@ def enable(model: Any) -> bool:
     """
     if not supports(model):
         return False
-    _register()
-    if model.base_model.config._attn_implementation != ATTENTION:
-        model.base_model.set_attn_implementation(ATTENTION)
+    try:
+        _register()
+        if model.base_model.config._attn_implementation != ATTENTION:
+            model.base_model.set_attn_implementation(ATTENTION)
+    except Exception as error:  # noqa: BLE001 - a transformers without these hooks: serve without mixed steps
+        logger.warning("Mixed steps are off: this transformers would not take moa's attention (%s).", error)
+        disable(model)
+        return False
     return True
 
 

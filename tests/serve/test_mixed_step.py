@@ -132,6 +132,19 @@ def test_outside_a_mixed_step_the_attention_is_sdpa_bit_for_bit():
     assert switched.base_model.config._attn_implementation == "sdpa"
 
 
+def test_a_transformers_that_refuses_the_attention_leaves_mixed_steps_off(monkeypatch, caplog):
+    tiny = routed_tiny_model({"sql": 4})
+
+    def refuse(name):
+        raise ValueError(f"unknown attention {name}")
+
+    monkeypatch.setattr(tiny.base_model, "set_attn_implementation", refuse)
+    assert not mixed_step.enable(tiny)
+    assert tiny.base_model.config._attn_implementation == "sdpa"
+    assert not Engine(tiny).mixed_steps
+    assert "Mixed steps are off" in caplog.text
+
+
 def offline(model, request):
     ids = torch.tensor([request.prompt_ids])
     params = request.params
