@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +21,6 @@ class RequestHandle:
         self.request_id = request.request_id
         self._loop = loop
         self._events: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
-        self._blocking: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._completion: Completion | None = None
         self._error: BaseException | None = None

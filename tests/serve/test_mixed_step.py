@@ -63,10 +63,9 @@ def running_batch(model):
 def decode_apart(model, batch, tokens=NEXT_TOKENS):
     """The reference decode step: the engine's batched decode without mixed steps."""
     inputs = batch.step_inputs(tokens, [len(p) for p in RUNNING], torch.device("cpu"), cache_argument(model))
-    rows = [{"routing_decision": moa.RoutingDecision.from_mixtures(RUNNING_MIXTURES, model.adapter_names),
-             "adapters_from_layer": RUNNING_LAYERS}]
+    decision = moa.RoutingDecision.from_mixtures(RUNNING_MIXTURES, model.adapter_names)
     with torch.no_grad():
-        out = model(**inputs, use_cache=True, **rows[0])
+        out = model(**inputs, use_cache=True, routing_decision=decision, adapters_from_layer=RUNNING_LAYERS)
     batch.advance()
     return out.logits[:, -1]
 
