@@ -56,13 +56,7 @@ def transposed_unit_stack(stack: LoraStack, packed: PackedLora | None = None) ->
     scales = [1.0] * len(stack.scales)
     transposed = LoraStack(lora_a, lora_b, scales, stack.out_features, stack.in_features)
     if packed is not None:
-        # Same cache key as LoraStack.packed(); if that scheme changes, packed() simply
-        # rebuilds (correct, one copy slower).
-        key = tuple(
-            (id(t), t._version, t.data_ptr()) if t is not None else None  # noqa: SLF001 - public tensor attr
-            for t in (*lora_a, *lora_b)
-        )
-        transposed.seed_packed(key, PackedLora(
+        transposed.seed_packed(transposed.weights_key(), PackedLora(
             lora_a=packed.lora_b,
             lora_b=packed.lora_a,
             rank_offsets=packed.rank_offsets,
@@ -178,10 +172,10 @@ def lora_mixture(
     """
     if backend is None:
         backend = kernels.backend_for(out.device)
-    _, weights = _present(stack)
-    tracked = (x, meta.pair_weight, out, *weights)
     if backend.__name__ == "moa.kernels.reference" and prefer_dense(stack, meta):
         return lora_dense(x, stack, meta, out)  # few tokens: a few GEMMs beat many small ops
+    _, weights = _present(stack)
+    tracked = (x, meta.pair_weight, out, *weights)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tracked):
         return backend.lora_expand(backend.lora_shrink(x, stack, meta), stack, meta, out)
     return LoraMixtureFunction.apply(x, meta.pair_weight, out, stack, meta, backend, *weights)

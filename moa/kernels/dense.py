@@ -45,14 +45,18 @@ def prefer_dense(stack: LoraStack, meta: RoutingMetadata) -> bool:
     if stack.dtype() != torch.float32:
         return False
     ranks = stack.ranks
-    routed = active_ranks = active = 0
-    for slot in meta.active_adapters:
-        if ranks[slot]:
-            start, end = meta.pairs_of(slot)
-            routed += (end - start) * ranks[slot]
-            active_ranks += ranks[slot]
-            active += 1
-    return active > 0 and meta.num_tokens * active_ranks <= 2 * routed + GROUP_OVERHEAD * active
+
+    def decide() -> bool:  # once per forward and rank layout, not once per layer
+        routed = active_ranks = active = 0
+        for slot in meta.active_adapters:
+            if ranks[slot]:
+                start, end = meta.pairs_of(slot)
+                routed += (end - start) * ranks[slot]
+                active_ranks += ranks[slot]
+                active += 1
+        return active > 0 and meta.num_tokens * active_ranks <= 2 * routed + GROUP_OVERHEAD * active
+
+    return meta.extra(("prefer_dense", ranks), decide)
 
 
 def _coefficients(stack: LoraStack, packed: PackedLora, meta: RoutingMetadata, dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +72,13 @@ def _coefficients(stack: LoraStack, packed: PackedLora, meta: RoutingMetadata, d
                                               torch.tensor(ranks, device=device))
         return per_slot[:, column_slot].to(dtype)
 
-    return meta.extra(("dense_coefficients", tuple(ranks), tuple(stack.scales), dtype), build)
+    return meta.extra(("dense_coefficients", ranks, tuple(stack.scales), dtype), build)
+
+
+def _layout(packed: PackedLora, ranks: tuple[int, ...], meta: RoutingMetadata) -> tuple[list[int], list[int], bool]:
+    """Rank offsets, the routed slots that have weights (in slot order), and whether that is all of them."""
+    active = [slot for slot in meta.active_adapters if ranks[slot]]
+    return packed.rank_offsets.tolist(), active, len(active) == sum(1 for r in ranks if r)
 
 
 def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: torch.Tensor) -> torch.Tensor:
@@ -85,11 +95,9 @@ def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: to
     """
     packed = stack.packed()
     ranks = stack.ranks
-    offsets = meta.extra(("rank_offsets", tuple(ranks)), lambda: packed.rank_offsets.tolist())
-    active = [slot for slot in meta.active_adapters if ranks[slot]]  # in slot order
+    offsets, active, everyone = meta.extra(("dense_layout", ranks), lambda: _layout(packed, ranks, meta))
     tracking = torch.is_grad_enabled()
     coefficients = _coefficients(stack, packed, meta, x.dtype)
-    everyone = len(active) == sum(1 for r in ranks if r)
     # every adapter of the layer routed (a decode step): one shrink and one scaling over all
     # the columns; else one per routed adapter, so unused adapters cost nothing (same bits
     # per column: the products and the scaling are elementwise the same)

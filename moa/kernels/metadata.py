@@ -149,14 +149,32 @@ class LoraStack:
     scales: list[float]
     in_features: int
     out_features: int
-    # (weights' identity+version key, buffers): one value, so concurrent readers never
-    # pair the buffers of one version with the key of another
+    # (weights' version key, buffers): one value, so concurrent readers never pair the
+    # buffers of one version with the key of another
     _packed: tuple[tuple, PackedLora] | None = field(default=None, repr=False)
+    # A stack is a snapshot of one layer layout (rebuilt when adapters come or go), read by
+    # every forward: what depends only on that layout is computed once, here, because a
+    # decode step reads it in every one of the model's ~200 adapted layers.
+    _ranks: tuple[int, ...] = field(init=False, repr=False)
+    _present_weights: tuple[torch.Tensor, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._ranks = tuple(0 if a is None else int(a.shape[0]) for a in self.lora_a)
+        self._present_weights = tuple(t for t in (*self.lora_a, *self.lora_b) if t is not None)
 
     @property
-    def ranks(self) -> list[int]:
+    def ranks(self) -> tuple[int, ...]:
         """Rank per slot (0 where absent)."""
-        return [0 if a is None else int(a.shape[0]) for a in self.lora_a]
+        return self._ranks
+
+    def weights_key(self) -> tuple:
+        """Identifies the present weights' current values: their storage and version.
+
+        In-place updates (an optimizer step) bump a tensor's version; ``param.data = ...``
+        (``module.to(dtype)`` and back) swaps its storage without one. The tensors
+        themselves are fixed for the stack's life, so their identity needs no place here.
+        """
+        return tuple([(t._version, t.data_ptr()) for t in self._present_weights])  # noqa: SLF001 - public tensor attr
 
     @property
     def max_rank(self) -> int:
@@ -176,10 +194,7 @@ class LoraStack:
 
     def packed(self) -> PackedLora:
         """Contiguous buffers, rebuilt only when a weight changed (training, loading)."""
-        key = tuple(
-            (id(t), t._version, t.data_ptr()) if t is not None else None  # noqa: SLF001 - public tensor attr
-            for t in (*self.lora_a, *self.lora_b)
-        )
+        key = self.weights_key()
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in self.lora_a
         )
