@@ -50,6 +50,17 @@ from moa.serve.openmp import release_idle_openmp_threads
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 
 
+SKIPPABLE = ("single", "separate-prefill", "deterministic", "one-at-a-time")
+#: ratio name -> (numerator, denominator) configurations
+RATIOS = {
+    "serve16_over_static16": ("serve mixed 16", "static batches of 16"),
+    "serve16_over_one_at_a_time": ("serve mixed 16", "one at a time, 16 clients"),
+    "serve16_over_one_at_a_time_1_thread": ("serve mixed 16", "one at a time, 1 compute thread"),
+    "mixed_over_single_16": ("serve mixed 16", "serve single-adapter 16"),
+    "deterministic_over_batched_16": ("serve --deterministic 16", "serve mixed 16"),
+    "mixed_steps_over_separate_prefill_16": ("serve mixed 16", "serve mixed 16, --separate-prefill"),
+}
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as sock:
@@ -278,13 +289,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--fixed-length", action="store_true",
                         help="mask EOS so every answer has exactly --new-tokens tokens")
+    parser.add_argument("--requests-per-client", type=int, default=2,
+                        help="requests per client (at least 16, at most 64 per configuration); more "
+                             "weighs the steady state over the ramp-up and the drain at the end")
+    parser.add_argument("--skip", nargs="+", default=[], choices=SKIPPABLE,
+                        help="configurations not to run (the ratios that need them are left out)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.precision)
     min_tokens = args.new_tokens if args.fixed_length else 0
     rows: list[dict[str, Any]] = []
-    n = lambda clients: min(64, max(16, 2 * clients))  # noqa: E731 - requests per configuration
+    n = lambda clients: min(64, max(16, args.requests_per_client * clients))  # noqa: E731 - per configuration
     print(f"moa serve load, {args.precision}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads")
 
     engine, server, thread, url = serve(model, deterministic=False, max_batch_size=32)
@@ -299,15 +315,18 @@ def main() -> None:
             agreement = {"requests": len(alone), "equal_to_alone": same}
             release_idle_openmp_threads()  # alone_answers ran on this thread (moa.serve.openmp)
             print(f"  greedy answers under 16-client load equal to the request alone: {same}/{len(alone)}")
-    requests = workload(model, n(16), mixed=False)
-    texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
-    rows.append(summarize("serve single-adapter 16", latencies, sum(t[1] for t in texts), seconds))
+    if "single" not in args.skip:
+        requests = workload(model, n(16), mixed=False)
+        texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
+        rows.append(summarize("serve single-adapter 16", latencies, sum(t[1] for t in texts), seconds))
     server.should_exit = True
     thread.join()
     engine.shutdown()
 
     for name, engine_args in (("serve mixed 16, --separate-prefill", {"mixed_steps": False}),
                               ("serve --deterministic 16", {"deterministic": True})):
+        if ("separate-prefill" if "prefill" in name else "deterministic") in args.skip:
+            continue
         engine, server, thread, url = serve(model, max_batch_size=32, **{"deterministic": False, **engine_args})
         requests = workload(model, n(16), mixed=True)
         texts, latencies, seconds = drive(url, requests, 16, args.new_tokens, min_tokens)
@@ -321,6 +340,8 @@ def main() -> None:
     # the dedicated-thread variant first: the sync one leaves an OpenMP pool on each of its threads
     for one_compute_thread, name in ((True, "one at a time, 1 compute thread"),
                                      (False, "one at a time, 16 clients")):
+        if "one-at-a-time" in args.skip:
+            break
         release_idle_openmp_threads()  # the static batches ran on this thread
         server, thread, url = one_at_a_time_server(model, one_compute_thread)
         requests = workload(model, 16, mixed=True)
@@ -332,20 +353,14 @@ def main() -> None:
     by = {r["config"]: r["tokens_per_s"] for r in rows}
     ratios = {}
     if "serve mixed 16" in by:
-        ratios = {
-            "serve16_over_static16": round(by["serve mixed 16"] / by["static batches of 16"], 2),
-            "serve16_over_one_at_a_time": round(by["serve mixed 16"] / by["one at a time, 16 clients"], 2),
-            "serve16_over_one_at_a_time_1_thread": round(by["serve mixed 16"] / by["one at a time, 1 compute thread"],
-                                                         2),
-            "mixed_over_single_16": round(by["serve mixed 16"] / by["serve single-adapter 16"], 3),
-            "deterministic_over_batched_16": round(by["serve --deterministic 16"] / by["serve mixed 16"], 3),
-            "mixed_steps_over_separate_prefill_16": round(
-                by["serve mixed 16"] / by["serve mixed 16, --separate-prefill"], 3),
-        }
+        for key, (numerator, denominator) in RATIOS.items():
+            if numerator in by and denominator in by:
+                ratios[key] = round(by[numerator] / by[denominator], 3)
         print("ratios:", ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"precision": args.precision, "new_tokens": args.new_tokens,
                                     "fixed_length": args.fixed_length,
+                                    "requests_per_client": args.requests_per_client,
                                     "threads": torch.get_num_threads(), "machine": platform.platform(),
                                     "rows": rows, "ratios": ratios, "greedy_agreement_16": agreement}, indent=2))
     print(f"wrote {args.out}")
