@@ -62,7 +62,7 @@ def closed_loop(model: Any, requests: list[GenerationRequest], clients: int, mix
     tokens = sum(len(a) for a in answers if a is not None)
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "answers": answers,
             "steps": stats["steps"], "prefill_forwards": stats["prefill_forwards"],
-            "mixed_steps": stats["mixed_steps"]}
+            "mixed_steps": stats["mixed_steps"], "engine_busy_share": stats["busy_seconds"] / seconds}
 
 
 def main() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
             runs[name].append(run)
             print(f"round {round_index + 1} {name:<17} {run['tokens_per_s']:6.1f} tok/s  ({run['tokens']} tokens in "
                   f"{run['seconds']:.1f} s; {run['steps']} decode steps, {run['prefill_forwards']} prefill forwards, "
-                  f"{run['mixed_steps']} of them mixed)", flush=True)
+                  f"{run['mixed_steps']} of them mixed; engine busy {run['engine_busy_share']:.0%} of the time)", flush=True)
     medians = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
     ratio = medians["mixed steps"] / medians["separate prefill"]
     first = {name: rs[0]["answers"] for name, rs in runs.items()}

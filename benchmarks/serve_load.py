@@ -307,8 +307,11 @@ def main() -> None:
     agreement = None
     for clients in args.clients:
         requests = workload(model, n(clients), mixed=True)
+        busy_before = engine.stats()["busy_seconds"]
         texts, latencies, seconds = drive(url, requests, clients, args.new_tokens, min_tokens)
         rows.append(summarize(f"serve mixed {clients}", latencies, sum(t[1] for t in texts), seconds))
+        rows[-1]["engine_busy_share"] = round((engine.stats()["busy_seconds"] - busy_before) / seconds, 3)
+        print(f"  engine busy {rows[-1]['engine_busy_share']:.0%} of the time (working, not waiting for requests)")
         if clients == 16:
             alone = alone_answers(model, requests, args.new_tokens, min_tokens)
             same = sum(t[0] == a for t, a in zip(texts, alone))

@@ -116,6 +116,7 @@ class Engine:
         self.prefill_forwards = 0  # prefill forwards run (a packed one counts once)
         self.prefilled_requests = 0
         self.mixed_steps_run = 0  # forwards that decoded and prefilled together
+        self.busy_seconds = 0.0  # the loop's time working, not waiting (stats())
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -219,14 +220,15 @@ class Engine:
                 counts[name] += 1
         return dict(counts)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         """Queue depth, running rows, batch size cap, decode steps, prefill forwards (mixed steps
-        included) and mixed steps so far."""
+        included), mixed steps so far, and ``busy_seconds``: the loop's time spent working rather
+        than waiting for requests (its share of wall time says whether the engine is the bottleneck)."""
         with self._cond:
             return {"queued": len(self._waiting), "running": len(self._running),
                     "max_batch_size": self.max_batch_size, "steps": self.steps,
                     "prefill_forwards": self.prefill_forwards, "prefilled_requests": self.prefilled_requests,
-                    "mixed_steps": self.mixed_steps_run}
+                    "mixed_steps": self.mixed_steps_run, "busy_seconds": self.busy_seconds}
 
     def running_adapters(self) -> tuple[list[str], list[str]]:
         """(adapters of running rows, adapters of waiting rows), for the LoRA info gauge."""
@@ -263,6 +265,13 @@ class Engine:
                 stop = True
             else:
                 stop = False
+        started = time.perf_counter()  # work from here on; the wait above is idle time
+        try:
+            return self._work(admin, stop)
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
+    def _work(self, admin: list, stop: bool) -> bool:
         for fn, future in admin:
             _run_admin(fn, future)
         if stop:

@@ -75,6 +75,9 @@ class ServeMetrics:
         self.load_seconds = Gauge("moa_adapter_load_seconds", "Seconds the latest load of each resident adapter took.",
                                   ["adapter"], registry=r)
         self.evictions = Gauge("moa_adapter_evictions", "Adapters evicted (LRU) since start.", registry=r)
+        self.busy = Gauge("moa_engine_busy_seconds", "Seconds the engine loop has spent working (not waiting "
+                          "for requests) since start; its rate near 1 means the engine is the bottleneck.",
+                          registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
 
@@ -108,6 +111,7 @@ class ServeMetrics:
         self.running.set(running)
         self.vllm_waiting.set(queued)
         self.vllm_running.set(running)
+        self.busy.set(float(stats.get("busy_seconds", 0.0)))
         running_adapters, waiting_adapters = _adapters_by_state(engine)
         max_lora = self.max_loras
         if cache is not None:

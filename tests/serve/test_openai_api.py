@@ -267,3 +267,5 @@ def test_metrics_expose_requests_and_vllm_lora_info(main_stack):
     assert "moa_request_queue_time_seconds_count" in text
     assert 'moa_adapter_load_seconds{adapter="sql"}' in text
     assert "vllm:num_requests_waiting 0.0" in text and "moa_num_requests_running 0.0" in text
+    busy = [line for line in text.splitlines() if line.startswith("moa_engine_busy_seconds ")]
+    assert len(busy) == 1 and float(busy[0].split()[1]) > 0  # requests ran before this scrape

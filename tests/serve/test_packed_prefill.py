@@ -16,6 +16,7 @@ prefilling each request alone.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -139,6 +140,22 @@ def test_requests_admitted_together_share_one_prefill_and_answer_as_alone(model,
     assert stats["prefilled_requests"] == len(prompts)
     # the batched engine packs all eight queued prompts in one forward; deterministic prefills each alone
     assert stats["prefill_forwards"] == (len(prompts) if deterministic else 1)
+
+
+def test_the_engine_counts_its_busy_time_apart_from_its_idle_time(model):
+    engine = Engine(model, max_batch_size=8)
+    engine.start()
+    try:
+        time.sleep(0.5)  # idle: waiting for requests is not work
+        assert engine.stats()["busy_seconds"] < 0.25
+        started = time.perf_counter()
+        for handle in [engine.submit(r) for r in requests_for(PROMPTS, MIXTURES)]:
+            handle.wait(60)
+        elapsed = time.perf_counter() - started
+        busy = engine.stats()["busy_seconds"]
+        assert 0 < busy <= elapsed + 0.25
+    finally:
+        engine.shutdown()
 
 
 def test_the_prefill_token_budget_splits_the_admission(model):
