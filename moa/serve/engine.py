@@ -272,6 +272,7 @@ class Engine:
             self.busy_seconds += time.perf_counter() - started
 
     def _work(self, admin: list, stop: bool) -> bool:
+        """One iteration's work once woken: admin calls, then stop, or admit and step. False: stop."""
         for fn, future in admin:
             _run_admin(fn, future)
         if stop:
