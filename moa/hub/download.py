@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from moa import compat
 from moa.errors import IntegrityError
 from moa.hub.verify import RemoteFile
 
@@ -55,10 +56,9 @@ def is_transient(error: BaseException) -> bool:
     anything moa raised itself, and huggingface_hub's ``LocalEntryNotFoundError`` (it gave up on
     its ``HEAD`` only after its own retries).
     """
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    transport_errors = compat.hub_transport_errors()
 
     seen: set[int] = set()
     current: BaseException | None = error
@@ -69,7 +69,7 @@ def is_transient(error: BaseException) -> bool:
         if isinstance(current, HfHubHTTPError):
             response = getattr(current, "response", None)
             return getattr(response, "status_code", None) in TRANSIENT_STATUSES
-        if isinstance(current, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        if isinstance(current, transport_errors):
             return True
         current = current.__cause__ or current.__context__
     return False

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from moa import compat
 from moa.atomic import atomic_directory
 from moa.merge.report import LayerMergeError, MergeReport
 from moa.merge.strategies import MergeError
@@ -239,7 +240,7 @@ def save_merged(
             weight = state[f"{name}.weight"]
             state[f"{name}.weight"] = weight.float() + delta.to(weight.device)
     missing = [k for k in expected if k not in state]
-    tied = set(getattr(fresh, "_tied_weights_keys", None) or [])
+    tied = compat.tied_weights_keys(fresh)
     missing = [k for k in missing if k not in tied and not (config.tie_word_embeddings and k.startswith("lm_head"))]
     if missing:
         raise MergeError(f"Cannot export the merged model: no value for {missing[:5]} (base class {type(fresh).__name__}).")

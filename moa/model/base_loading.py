@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from moa import compat
 from moa.bnb_hint import install_kernel_hint_filter
 from moa.errors import BaseModelError, MissingDependencyError, UnsupportedQuantizationError
 from moa.model.default_base import (
@@ -377,7 +378,7 @@ def set_cpu_packed_nf4(model: nn.Module, enabled: bool) -> int:
         weight = module.weight
         state = getattr(weight, "quant_state", None)
         if not enabled and getattr(state, "packing_format_for_cpu", False):
-            unpack = functional._convert_weight_packed_for_cpu_inverse  # the inverse bnb uses itself
+            unpack = compat.bnb_cpu_unpack()  # the inverse bnb uses itself
             weight.data, weight.quant_state = unpack(weight.data, state)
             module.quant_state = weight.quant_state
         count += 1

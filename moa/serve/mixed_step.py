@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from moa import compat
 from moa.serve import packing
 
 logger = logging.getLogger(__name__)
@@ -48,9 +49,8 @@ _BASE_ATTENTION = "sdpa"
 
 def supports(model: Any) -> bool:
     """Whether ``model``'s base can run mixed steps (its attention is SDPA or moa's)."""
-    # transformers documents ``config._attn_implementation`` as the way to read the choice.
     config = getattr(getattr(model, "base_model", None), "config", None)
-    return getattr(config, "_attn_implementation", None) in (_BASE_ATTENTION, ATTENTION)
+    return compat.attn_implementation(config) in (_BASE_ATTENTION, ATTENTION)
 
 
 def enable(model: Any) -> bool:
@@ -63,7 +63,7 @@ def enable(model: Any) -> bool:
         return False
     try:
         _register()
-        if model.base_model.config._attn_implementation != ATTENTION:
+        if compat.attn_implementation(model.base_model.config) != ATTENTION:
             model.base_model.set_attn_implementation(ATTENTION)
     except Exception as error:  # noqa: BLE001 - a transformers without these hooks: serve without mixed steps
         logger.warning("Mixed steps are off: this transformers would not take moa's attention (%s).", error)
@@ -74,7 +74,7 @@ def enable(model: Any) -> bool:
 
 def disable(model: Any) -> None:
     """Give ``model``'s base back plain SDPA attention."""
-    if supports(model) and model.base_model.config._attn_implementation == ATTENTION:
+    if supports(model) and compat.attn_implementation(model.base_model.config) == ATTENTION:
         model.base_model.set_attn_implementation(_BASE_ATTENTION)
 
 

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from moa import compat
 from moa.errors import MoaError
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def training_arguments(
         save_total_limit=save_total_limit,
         logging_steps=max(1, int(logging_steps)),
         report_to=reports or "none",
-        activation_checkpointing=bool(gradient_checkpointing),
+        **compat.checkpointing_argument(bool(gradient_checkpointing)),
         disable_tqdm=not progress,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,

@@ -68,6 +68,12 @@ def test_fresh_process_prints_no_warning_even_when_peft_imports_bitsandbytes_fir
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert not [line for line in output.splitlines() if "kernels-community" in line and "INFO moa.bnb_hint" not in line]
+    # moa's promise is about bitsandbytes' hint, not about every line a dependency may log (newer
+    # stacks log their own INFO lines about the Hub request): the hint never reaches the console
+    # as a warning or from bitsandbytes' logger, and moa explains it once at INFO.
+    hint_lines = [line for line in output.splitlines() if "gemm_4bit_forward" in line or "kernels-community" in line]
+    assert not [line for line in hint_lines
+                if line.startswith(("WARNING", "ERROR", "CRITICAL", "INFO bitsandbytes", "DEBUG bitsandbytes"))
+                or "Warning:" in line or "gemm_4bit_forward" in line]
     expected = 1 if "AVX512BF16 True" in done.stdout else 0  # bitsandbytes tries the Hub kernel only there
     assert output.count(bnb_hint.EXPLANATION) == expected
