@@ -52,7 +52,7 @@ test: setup
 	MOA_LOCK="$(LOCK)" $(PY) -m pytest -q
 
 docs: setup
-	$(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 lock: setup
 	$(COMPILE) $(ALL) -o requirements/lock.txt

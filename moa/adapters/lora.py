@@ -119,6 +119,7 @@ class LoraConfig(AdapterConfig):
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def to_dict(self) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` fields, with ``inference_mode`` set as PEFT writes it for a saved adapter."""
         data = super().to_dict()
         data["inference_mode"] = True
         return data
@@ -152,9 +153,11 @@ class LoraLayer(AdapterLayer):
                 nn.init.zeros_(self.lora_B.weight)
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A [r, in], B [out, r], scale)``: the update is ``scale * B @ A``."""
         return self.lora_A.weight, self.lora_B.weight, self.scale
 
     def dropout_p(self) -> float:
+        """The LoRA dropout probability (applied in training only)."""
         return self.dropout
 
     def delta_weight(self) -> torch.Tensor:

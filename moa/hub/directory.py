@@ -29,7 +29,7 @@ def render_directory_page(registry: Registry | None = None) -> str:
         "",
         "# moa directory",
         "",
-        "Curated adapters and plugins, generated from [`registry/`](../registry/README.md). Every adapter "
+        "Curated adapters and plugins, generated from the repository's `registry/` folder. Every adapter "
         "is pinned to the sha256 of each of its files: Hub adapters at a pinned commit, adapters shipped "
         "with moa in the installed package (no download). `moa pull NAME` fetches (or copies) one and "
         "verifies it, `moa registry verify` checks every pin.",
@@ -43,7 +43,7 @@ def render_directory_page(registry: Registry | None = None) -> str:
         for name, a in sorted(registry.adapters.items()):
             metrics = ", ".join(f"{k} {v:.3g}" for k, v in sorted(a.metrics.items())) or "-"
             if a.source is not None:
-                where, pin = f"shipped with moa: [`{a.source}`](../{a.source})", f"{len(a.files)} sha256s"
+                where, pin = f"shipped with moa: `{a.source}`", f"{len(a.files)} sha256s"
             else:
                 where, pin = f"Hub: `{a.repo}`", f"commit `{(a.revision or '')[:12]}`, {len(a.files)} sha256s"
             lines.append(
@@ -52,8 +52,8 @@ def render_directory_page(registry: Registry | None = None) -> str:
                 f"{_cell(a.description) or '-'} |"
             )
     else:
-        lines.append("No adapters are registered yet. See [`registry/adapters/README.md`]"
-                     "(../registry/adapters/README.md) for the entry format.")
+        lines.append("No adapters are registered yet. See `registry/adapters/README.md` in the repository "
+                     "for the entry format.")
     lines += ["", "## Plugins", ""]
     if registry.plugins:
         lines += ["| name | pip package | provides | moa versions | entry point | description |",
@@ -61,7 +61,7 @@ def render_directory_page(registry: Registry | None = None) -> str:
         for name, p in sorted(registry.plugins.items()):
             provides = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(names)}"
                                  for kind, names in sorted(p.provides.items()))
-            package = f"[`{p.package}`](../{p.source})" if p.source else f"`{p.package}`"
+            package = f"`{p.package}` (`{p.source}`)" if p.source else f"`{p.package}`"
             lines.append(f"| `{name}` | {package} | {provides} | `{p.moa_versions}` | `{p.entry_point}` | "
                          f"{_cell(p.description)} |")
     else:

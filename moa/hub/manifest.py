@@ -238,7 +238,10 @@ def push_mixture(
         router_repo: Where the router lives: ``model.router`` is pushed there if it can
             ``save``; otherwise the repo's current ``main`` is pinned as it is.
         revision: Branch of the mixture repo (default ``main``).
-        private, commit_message, token, license: As for :func:`moa.hub.push_adapter`.
+        private: As for :func:`moa.hub.push_adapter`.
+        commit_message: As for :func:`moa.hub.push_adapter`.
+        token: As for :func:`moa.hub.push_adapter`.
+        license: As for :func:`moa.hub.push_adapter`.
 
     Returns:
         The commit of the manifest (``files`` holds the manifest's sha256).
@@ -309,15 +312,21 @@ def pull_mixture(
         repo_id: The mixture repo.
         revision: Branch, tag or commit of the mixture repo.
         model: Load the adapters into it (and set the router if it can be built).
-        cache_dir, token: As for :func:`moa.hub.pull_adapter`.
+        cache_dir: As for :func:`moa.hub.pull_adapter`.
+        token: As for :func:`moa.hub.pull_adapter`.
         set_router: With a model, set the pinned router on it when it can be instantiated.
 
     Returns:
         The manifest, with ``adapter_paths`` / ``router_path`` of the verified local folders.
 
     Raises:
-        ManifestError, BaseModelMismatchError, AdapterExistsError, IntegrityError, UnsafeFileError,
-        HubError, and any adapter loading error, with nothing loaded.
+        ManifestError: The manifest is invalid.
+        BaseModelMismatchError: The manifest's base fingerprint is not the model's.
+        AdapterExistsError: An adapter name is already loaded.
+        IntegrityError: A file does not match its pinned sha256.
+        UnsafeFileError: An unsafe file name, or weights only as a pickle.
+        HubError: The repo, the revision or the network failed.
+        MoaError: Any adapter loading error; nothing stays loaded.
     """
     pulled = fetch_verified(repo_id, kind="mixture", revision=revision, cache_dir=cache_dir, token=token)
     manifest = MixtureManifest.from_json((pulled.path / MANIFEST_NAME).read_text(), f"{repo_id}/{MANIFEST_NAME}")

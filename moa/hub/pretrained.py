@@ -319,7 +319,8 @@ def load_pretrained_adapters(
         directory: The folder written by :func:`save_pretrained` (or PEFT), or a Hub repo id.
         revision: Branch, tag or commit, for a Hub repo.
         is_trainable: Load the adapters trainable (as ``model.load_adapter``).
-        cache_dir, token: For the Hub client, for a Hub repo.
+        cache_dir: For the Hub client, for a Hub repo.
+        token: For the Hub client, for a Hub repo.
 
     Returns:
         The loaded adapter names, in load order (the root adapter first).
@@ -328,7 +329,7 @@ def load_pretrained_adapters(
         AdapterFormatError: no adapter found, or a damaged index.
         AdapterExistsError: an adapter name is already loaded (nothing is loaded).
         HubError, IntegrityError, UnsafeFileError: from a Hub pull.
-        Any error of ``model.load_adapter`` (nothing stays loaded).
+        MoaError: Any error of ``model.load_adapter`` (nothing stays loaded).
     """
     root = _local_folder(directory, revision, cache_dir, token, model.max_rank)
     index = read_index(root)

@@ -364,7 +364,11 @@ def pull_adapter(
         The folder (a snapshot in the HF cache); load it with ``model.load_adapter(folder)``.
 
     Raises:
-        HubError, UnsafeFileError, IntegrityError, AdapterFormatError, AdapterShapeError.
+        HubError: The repo, the revision or the network failed.
+        UnsafeFileError: An unsafe file name, or weights only as a pickle.
+        IntegrityError: A downloaded file does not match the Hub's listing.
+        AdapterFormatError: A file is not a valid adapter file.
+        AdapterShapeError: A rank above the cap.
     """
     return fetch_verified(
         repo_id, kind="adapter", revision=revision, cache_dir=cache_dir, token=token,

@@ -95,6 +95,7 @@ class MixtureLinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output plus each row's routed adapter updates (the current call's routing)."""
         out = self.base_layer(x, *args, **kwargs)
         if len(self.adapters) == 0:
             return out
@@ -132,4 +133,5 @@ class MixtureLinear(nn.Module):
         return out2.view(out.shape)
 
     def extra_repr(self) -> str:
+        """The module name and its adapters, for ``print(model)``."""
         return f"module={self.module_name!r}, adapters={list(self.adapters)}"

@@ -25,5 +25,6 @@ class FixedRouter(Router):
         self.mixture = {mixture: 1.0} if isinstance(mixture, str) else dict(mixture)
 
     def route(self, request: RoutingRequest) -> RoutingDecision:
+        """The same mixture for every row of ``request``."""
         rows = int(request.input_ids.shape[0])
         return RoutingDecision.from_mixtures([self.mixture] * rows, request.adapter_names)

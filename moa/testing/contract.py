@@ -115,6 +115,7 @@ class AdapterTypeContract:
     # -- the contract ----------------------------------------------------------------------
 
     def test_spec_is_well_formed(self, adapter_type_name: str) -> None:
+        """The registered spec names its config and layer classes, which subclass moa's bases."""
         from moa.adapters.base import AdapterConfig, AdapterLayer
 
         spec = self.spec(adapter_type_name)
@@ -125,6 +126,7 @@ class AdapterTypeContract:
         assert spec.config_class.adapter_type == adapter_type_name
 
     def test_config_round_trips_through_dict(self, adapter_type_name: str) -> None:
+        """``to_dict`` carries a ``peft_type``, and the config rebuilds from it unchanged."""
         config = self.make_config(adapter_type_name)
         config.validate()
         data = config.to_dict()
@@ -133,6 +135,7 @@ class AdapterTypeContract:
         assert again.to_dict() == data
 
     def test_zero_init_adapter_is_identity(self, adapter_type_name: str, contract_model: Any) -> None:
+        """A freshly added (default-initialised) adapter leaves the logits as the base's (to 1e-6)."""
         input_ids = random_input_ids(3, 6)
         base = self.logits(contract_model, input_ids, adapter_names=[None] * 3)
         contract_model.add_adapter("fresh", self.make_config(adapter_type_name))
@@ -142,6 +145,7 @@ class AdapterTypeContract:
     def test_save_load_round_trip_gives_same_logits(
         self, adapter_type_name: str, contract_model: Any, contract_base_dir: Path, tmp_path: Path
     ) -> None:
+        """Saved in PEFT's layout and loaded into a new model, the adapter gives the same logits."""
         from moa.model.mixture_model import MixtureModel
 
         input_ids = random_input_ids(3, 6)
@@ -160,6 +164,7 @@ class AdapterTypeContract:
     def test_wrong_tensor_shape_is_refused(
         self, adapter_type_name: str, contract_model: Any, contract_base_dir: Path, tmp_path: Path
     ) -> None:
+        """A saved tensor of the wrong shape is refused with a ``MoaError`` at load, and nothing stays loaded."""
         from safetensors.torch import load_file, save_file
 
         from moa.model.mixture_model import MixtureModel
@@ -179,6 +184,7 @@ class AdapterTypeContract:
         assert other.adapter_names == []
 
     def test_mixed_batch_equals_per_row_loop(self, adapter_type_name: str, contract_model: Any) -> None:
+        """One batch with a different adapter on each row equals each row run alone."""
         from moa.adapters.lora import LoraConfig
 
         model = contract_model
@@ -199,6 +205,7 @@ class AdapterTypeContract:
             torch.testing.assert_close(batched[i : i + 1], alone, rtol=0, atol=self.atol)
 
     def test_bad_configs_raise_moa_errors(self, adapter_type_name: str, contract_model: Any) -> None:
+        """Every config in ``bad_config_kwargs`` is refused with a ``MoaError``, and no adapter is left behind."""
         for overrides in self.bad_config_kwargs:
             with pytest.raises(MoaError):
                 config = self.make_config(adapter_type_name, **overrides)
@@ -207,6 +214,7 @@ class AdapterTypeContract:
             assert contract_model.adapter_names == [], f"a refused config {overrides} left an adapter"
 
     def test_gradients_reach_only_the_adapter(self, adapter_type_name: str, contract_model: Any) -> None:
+        """A backward pass gives every adapter parameter a finite, non-zero gradient and the frozen base none."""
         model = contract_model
         self.add_random(model, adapter_type_name, "tuned", seed=5)
         input_ids = random_input_ids(2, 6)
@@ -289,6 +297,7 @@ class RouterContract:
     # -- the contract ----------------------------------------------------------------------
 
     def test_router_is_registered(self, router: Any) -> None:
+        """The router is a ``Router`` of a known level and, when ``router_name`` is set, of the class registered under it."""
         from moa.plugin import get_router
         from moa.routing import Router
 
@@ -298,15 +307,18 @@ class RouterContract:
             assert isinstance(router, get_router(self.router_name))
 
     def test_decision_is_valid_for_the_batch(self, router: Any, routing_model: Any) -> None:
+        """The decision has a row per input row (per token for token routers), known adapter ids and finite, non-negative weights."""
         request = self.make_request(routing_model, router)
         self.check_decision(router.route(request), request, router)
 
     def test_routing_is_deterministic(self, router: Any, routing_model: Any) -> None:
+        """The same request routes to the same ids and weights twice."""
         request = self.make_request(routing_model, router)
         first, second = router.route(request), router.route(request)
         assert torch.equal(first.ids, second.ids) and torch.equal(first.weights, second.weights)
 
     def test_routes_inside_the_model(self, router: Any, routing_model: Any) -> None:
+        """Set on a model, the router gives one mixture per prompt through ``model.route``."""
         routing_model.set_router(router)
         mixtures = routing_model.route(list(self.texts))
         assert len(mixtures) == len(self.texts)
@@ -320,6 +332,7 @@ class RouterContract:
         assert bool(torch.isfinite(out.logits).all())
 
     def test_save_load_round_trip(self, router: Any, routing_model: Any, tmp_path: Path) -> None:
+        """A router with ``save``/``load`` writes ``router_config.json`` and loads back to the same decisions."""
         if not (callable(getattr(router, "save", None)) and callable(getattr(type(router), "load", None))):
             pytest.skip(f"{type(router).__name__} has no save()/load(); nothing to round-trip.")
         router.save(tmp_path / "router")
