@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -56,6 +57,16 @@ def declared_requirements() -> list[Requirement]:
     return [r for r in requirements if r.marker is None or r.marker.evaluate()]
 
 
+def installed_distributions() -> list[metadata.Distribution]:
+    """Distributions installed in this environment's site-packages.
+
+    Not the copies a package vendors on ``sys.path`` (setuptools puts ``setuptools/_vendor``
+    there when it is imported): those are part of the package the lock pins.
+    """
+    roots = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
+    return [d for d in metadata.distributions() if Path(str(d.locate_file(""))).resolve() in roots]
+
+
 def outside_lock(installed: dict[str, str], locked: dict[str, Version], local: set[str]) -> list[str]:
     """Installed distributions that the lock does not pin at their installed version."""
     wrong = []
@@ -72,7 +83,7 @@ def outside_lock(installed: dict[str, str], locked: dict[str, Version], local: s
 @pytest.mark.skipif(not os.environ.get("MOA_LOCK"), reason="run by `make test`, which sets MOA_LOCK to the lock it installed")
 def test_the_environment_holds_exactly_what_the_lock_pins():
     locked = pins(ROOT / os.environ["MOA_LOCK"]) | pins(BASE_LOCK)
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in installed_distributions()}
     assert outside_lock(installed, locked, local_projects()) == []
     missing = sorted(set(locked) - set(installed))
     assert missing == [], f"pinned in the lock but not installed: {missing}"

@@ -147,6 +147,14 @@ class MixtureModel(nn.Module):
         """The transformers model underneath (its linear layers wrapped by moa), as in PEFT."""
         return self.base_model
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The base's token embedding, as transformers models (and PEFT, by delegation) answer it."""
+        return self.base_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The base's LM head (trainers such as TRL's read it to fuse the loss with the head)."""
+        return self.base_model.get_output_embeddings()
+
     def mixture_layers(self) -> Iterator[MixtureLinear]:
         """Every wrapped layer."""
         return self.bank.layers()

@@ -47,6 +47,9 @@ def test_active_adapter_and_get_base_model_like_peft(pair):
     assert model.active_adapters == peft_model.active_adapters == ["sql"]
     assert model.get_base_model() is model.base_model
     assert type(model.get_base_model()) is type(peft_model.get_base_model())
+    for getter in ("get_input_embeddings", "get_output_embeddings"):  # the base's modules, as PEFT answers
+        assert getattr(model, getter)() is getattr(model.base_model, getter)()
+        assert type(getattr(model, getter)()) is type(getattr(peft_model, getter)())
     model.add_adapter("code", moa.LoraConfig(r=2, target_modules=["q_proj"]))
     model.set_adapter(["sql", "code"])
     assert model.active_adapter == ["sql", "code"]
