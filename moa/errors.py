@@ -93,6 +93,10 @@ class AdapterNameError(AdapterExistsError):
 # --- limits ------------------------------------------------------------------------------
 
 
+class NonFiniteOutputError(MoaError, ArithmeticError):
+    """A forward whose logits hold NaN or infinities on rows that adapters computed."""
+
+
 class InputLimitError(MoaError, ValueError):
     """An input beyond one of moa's limits: a prompt longer than the base's context, too many new
     tokens, too many adapters. Refused before any work starts."""
@@ -155,6 +159,7 @@ __all__ = [
     "ManifestError",
     "MissingDependencyError",
     "MoaError",
+    "NonFiniteOutputError",
     "PluginConflictError",
     "PluginError",
     "RegistryError",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import moa
 from moa.adapters.base import AdapterConfig, AdapterLayer
 from moa.adapters.file_checks import check_config_ranks
+from moa.adapters.magnitude import check_layer_gains
 from moa.adapters.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -123,6 +124,8 @@ def _build_layers(model: MixtureModel, folder: str | os.PathLike, files: Adapter
     for module_name, tensors in sorted(by_module.items()):
         layer = spec.layer_class(config, module_name, *linear_features(model.bank.base_layer(module_name)))
         layer.load_peft_state_dict(tensors)
+        check_layer_gains(layer, {suffix: peft_key(module_name, suffix) for suffix in tensors},
+                          repr(str(Path(folder) / WEIGHTS_NAME)))
         layers[module_name] = layer
     return config, layers
 

@@ -71,6 +71,8 @@ class CallFrame:
         early: Metadata for layers ``< plan.split_layer``.
         late: Metadata for layers ``>= plan.split_layer``.
         backend: The kernel module chosen once for this forward.
+        check_finite: Raise if a row that adapters computed gets NaN or infinite logits
+            (:mod:`moa.model.finite_logits`).
     """
 
     owner: object
@@ -82,6 +84,7 @@ class CallFrame:
     late: RoutingMetadata | None = None
     backend: ModuleType | None = None
     scratch: dict[str, Any] = field(default_factory=dict)
+    check_finite: bool = True
 
     def metadata_for(self, layer_index: int | None) -> RoutingMetadata | None:
         """The metadata a layer uses: ``early`` below the split layer, ``late`` from it on."""

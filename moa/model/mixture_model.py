@@ -31,6 +31,7 @@ from moa.model.call_routing import (
     checkpoint_contexts,
     disabling,
 )
+from moa.model.finite_logits import install_logits_check
 from moa.model.limits import check_generation_lengths
 from moa.model.mixture_linear import MixtureLinear
 from moa.model.routing_controller import RoutingController, ask_router
@@ -70,6 +71,7 @@ class MixtureModel(nn.Module):
         self.active_adapters: list[str] = []
         self._router: Router | None = None
         self._controller = RoutingController(self.bank, self._default_plan)
+        self._logits_check = install_logits_check(self.bank, base_model)
         self.train(base_model.training)  # a base loaded for inference stays in eval mode
 
     @classmethod
@@ -385,6 +387,8 @@ class MixtureModel(nn.Module):
         self._router = None
         self.bank.unwrap_all()
         self._controller.remove()
+        if self._logits_check is not None:
+            self._logits_check.remove()
         self.active_adapters = []
         return self.base_model
 
@@ -483,6 +487,7 @@ class MixtureModel(nn.Module):
         router: Router | None = None,
         routing_decision: RoutingDecision | None = None,
         adapters_from_layer: int | Sequence[int] = 0,
+        check_finite: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Run the base with adapters chosen per row.
@@ -502,6 +507,9 @@ class MixtureModel(nn.Module):
                 later steps keeps the router's layer while named rows use every layer. With a
                 token-level decision, one layer per token is allowed too (several requests
                 packed into one sequence, as the serving engine's prefill does).
+            check_finite: Raise :class:`~moa.errors.NonFiniteOutputError` when a row that
+                adapters computed gets NaN or infinite logits (see :mod:`moa.model.finite_logits`);
+                ``False`` returns them for the caller to handle.
             **kwargs: Passed to the transformers model (``labels``, ``past_key_values``...).
 
         With none of these, the router decides every row (if one is set), else the
@@ -510,7 +518,7 @@ class MixtureModel(nn.Module):
         with self.bank.reading():
             plan = self._plan(input_ids, adapter_names, adapter_weights, router, kwargs,
                               routing_decision, adapters_from_layer)
-            with calling(CallFrame(self.bank, plan, self.bank.names)):
+            with calling(CallFrame(self.bank, plan, self.bank.names, check_finite=check_finite)):
                 return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(
@@ -532,6 +540,8 @@ class MixtureModel(nn.Module):
         Raises:
             InputLimitError: the prompt, or prompt + ``max_new_tokens`` (``max_length``), is longer
                 than the base's context; checked before anything runs.
+            NonFiniteOutputError: a row that adapters computed got NaN or infinite logits at
+                some step (see :meth:`forward`'s ``check_finite``).
         """
         check_generation_lengths(self.config, input_ids, kwargs)  # before any work starts
         with self.bank.reading():

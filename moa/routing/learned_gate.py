@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from moa.adapters.file_checks import check_finite, check_inside_folder, read_json_file
+from moa.adapters.magnitude import check_gain, compute_dtype
 from moa.adapters.peft_format import read_safetensors
 from moa.atomic import atomic_directory
 from moa.errors import AdapterFormatError, RoutingError, UnknownAdapterError, format_choices
@@ -347,6 +348,8 @@ class LearnedGate(Router, nn.Module):
         except AdapterFormatError as error:
             raise RoutingError(str(error)) from error
         check_finite(tensors, repr(str(weights_path)), RoutingError)
+        for name, tensor in tensors.items():
+            check_gain(name, tensor, repr(str(weights_path)), dtype=compute_dtype(tensor), error_class=RoutingError)
         hidden, mlp, count = settings["hidden_size"], settings["mlp_hidden"], len(settings["adapter_names"])
         expected = {"feature_mean": (hidden,), "feature_std": (hidden,)}
         layers = [(hidden, mlp, "net.0"), (mlp, count, "net.2")] if mlp > 0 else [(hidden, count, "net")]

@@ -381,9 +381,7 @@ class Engine:
     @staticmethod
     def _fail(row: Row, error: Exception) -> None:
         logger.warning("Request %s failed in prefill: %s", row.request_id, error)
-        if not row.finished:
-            row.finished = True
-            row.handle.finish(None, error)
+        row.fail(error)
 
     def _decide(self, row: Row) -> None:
         """The router's decision for an ``auto`` row, made once from its prompt alone, exactly
@@ -400,7 +398,7 @@ class Engine:
         inputs = prefill_inputs(row.request.prompt_ids, model.device)
         cache = new_cache(model)
         out = model(**inputs, **{self._cache_key: cache}, use_cache=True, logits_to_keep=1,
-                    **row.routing_kwargs(model))
+                    check_finite=False, **row.routing_kwargs(model))
         self.prefill_forwards += 1
         self.prefilled_requests += 1
         row.accept(out.logits[0, -1])
@@ -415,6 +413,8 @@ class Engine:
         routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
                                          lengths, model.adapter_names)
         cache = new_cache(model)
+        # Checked: a NaN in one packed prompt reaches the others through attention's masked
+        # products (0 * NaN), so non-finite logits fail the packing and each prompt runs alone.
         out = model(**inputs, **{self._cache_key: cache}, use_cache=True, **routing)
         self.prefill_forwards += 1
         self.prefilled_requests += len(rows)
@@ -476,7 +476,7 @@ class Engine:
         routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
                                          [1] * len(running) + lengths, model.adapter_names)
         try:
-            out = model(**inputs, **{self._cache_key: cache}, use_cache=True,
+            out = model(**inputs, **{self._cache_key: cache}, use_cache=True,  # checked, as a packed prefill
                         moa_step=mixed_step.StepLayout(cache, batch.attention_mask()), **routing)
         except BaseException:
             batch.restore(before)
@@ -496,7 +496,8 @@ class Engine:
                 inputs = {"input_ids": torch.tensor([[row.last_token]], device=self.model.device),
                           "position_ids": torch.tensor([[row.length - 1]], device=self.model.device)}
                 out = self.model(**inputs, attention_mask=torch.ones(1, row.length, dtype=torch.long),
-                                 **{self._cache_key: row.cache}, use_cache=True, **row.routing_kwargs(self.model))
+                                 **{self._cache_key: row.cache}, use_cache=True, check_finite=False,
+                                 **row.routing_kwargs(self.model))
                 row.accept(out.logits[0, -1])
         else:
             batch = self._batch
@@ -504,7 +505,7 @@ class Engine:
             inputs = batch.step_inputs([row.last_token for row in rows], [row.length - 1 for row in rows],
                                        self.model.device, self._cache_key)
             kwargs = Row.batch_routing_kwargs(rows, self.model)
-            out = self.model(**inputs, use_cache=True, **kwargs)
+            out = self.model(**inputs, use_cache=True, check_finite=False, **kwargs)
             batch.advance()
             for i, row in enumerate(rows):
                 row.accept(out.logits[i, -1])

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moa.errors import NonFiniteOutputError
 from moa.routing.decision import RoutingDecision
 from moa.serve.packing import from_layer_argument
 from moa.serve.requests import Completion, GenerationRequest, TokenEvent
@@ -86,7 +87,17 @@ class Row:
     # -- tokens ----------------------------------------------------------------------------
 
     def accept(self, logits: torch.Tensor) -> None:
-        """Pick the next token from this row's last logits, stream its text, maybe finish."""
+        """Pick the next token from this row's last logits, stream its text, maybe finish.
+
+        Logits holding NaN or infinities (an adapter's weights overflowing) fail this request
+        alone with :class:`~moa.errors.NonFiniteOutputError`; the engine's other rows go on.
+        """
+        if not bool(torch.isfinite(logits).all()):
+            self.fail(NonFiniteOutputError(
+                f"Request {self.request_id}: the model's logits hold NaN or infinite values (routing "
+                f"{self.mixture or 'base'}); an adapter's weights overflow on this input. Reload the adapter "
+                f"from its file or send the request to another adapter."))
+            return
         token = self._pick(logits)
         self.tokens.append(token)
         params = self.request.params
@@ -131,6 +142,12 @@ class Row:
         if delta or event_token is not None:
             self._sent += delta
             self.handle.emit(TokenEvent(self.tokens[-1] if event_token is None else event_token, delta))
+
+    def fail(self, error: Exception) -> None:
+        """End the request with ``error`` (its client gets it; the other rows go on)."""
+        if not self.finished:
+            self.finished = True
+            self.handle.finish(None, error)
 
     def finish(self, reason: str, text: str | None = None) -> None:
         """End the request: flush the text, hand the completion to the client."""

@@ -96,13 +96,14 @@ def test_fuzz_adapter_safetensors(fuzz_model, adapter_template, data):
         fuzz_model.load_adapter(folder, adapter_name="new")
     except Exception as error:  # noqa: BLE001 - the property: only MoaError may come out
         check_message(error, "adapter_model.safetensors", field, content)
-    else:  # it loaded: its weights are finite numbers (huge ones may still overflow the logits) and it runs
+    else:  # it loaded: its weights are finite numbers small enough for the compute dtype, and it runs
         try:
             layers = fuzz_model.adapter_layers("new").values()
             assert all(torch.isfinite(p).all() for layer in layers for p in layer.parameters())
             with torch.no_grad():
-                logits = fuzz_model(torch.tensor([[1, 2, 3]]), adapter_names=["new"]).logits
+                logits = fuzz_model(torch.tensor([[1, 2, 3]]), adapter_names=["new"], check_finite=False).logits
             assert logits.shape == (1, 3, 258)
+            assert torch.isfinite(logits).all(), "a folder that loads gave non-finite logits on a fixed prompt"
         finally:
             fuzz_model.delete_adapter("new")
     assert model_state(fuzz_model) == before_model
