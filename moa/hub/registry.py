@@ -5,7 +5,8 @@
 HF cache) for a Hub entry, against the files inside the installed moa package for a shipped
 entry — and every plugin entry against its package's ``pyproject.toml`` when the package
 lives in this repository. ``sync_shipped_entries()`` (re)writes the shipped entries of the
-demo adapters from ``moa/demo_adapters/manifest.json``.
+demo adapters from ``moa/demo_adapters/manifest.json``, swapping in the whole ``adapters/``
+folder at once.
 
 The registry folder is ``$MOA_REGISTRY`` if set, else ``registry/`` next to the ``moa``
 package in a source checkout.
@@ -24,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,11 +404,27 @@ def _check_shipped_entry(entry: dict[str, Any], manifest: Path) -> None:
 def sync_shipped_entries(
     root: str | os.PathLike | None = None, *, write: bool = True, manifest: str | os.PathLike | None = None
 ) -> list[str]:
-    """Make ``adapters/<name>.toml`` of every demo adapter match :func:`render_shipped_entries`.
+    """Make the shipped entries of ``adapters/`` match :func:`render_shipped_entries`, atomically for the set.
 
     Writes missing or stale entries and removes entries whose ``source`` is under
     ``moa/demo_adapters/`` but which the manifest no longer lists. Run it (``moa registry
     sync-shipped``) after retraining the demo adapters, then ``moa registry render --write``.
+
+    The whole ``adapters/`` folder is replaced in one step (:func:`moa.atomic.atomic_directory`),
+    so a reader sees all the old entries or all the new ones, never a mix. Shipped and
+    non-shipped entries share that folder (plugins live apart, in ``plugins/``, untouched): the
+    new folder, a hidden sibling ``.adapters.tmp-<pid>-<random>``, first gets a copy of every
+    file of ``adapters/`` that the sync does not change (Hub entries, ``README.md``, anything
+    else: same bytes, mode and times; unchanged shipped entries too), then the missing and stale
+    entries, each flushed to disk; it is then swapped with ``adapters/`` (one
+    ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames, repaired by the next sync).
+
+    An exception (disk full, no permission) removes the new folder and leaves ``adapters/`` as it
+    was. A SIGKILL may leave the hidden sibling in the registry folder: readers ignore it (they
+    read only ``adapters/`` and ``plugins/``) and the next writing sync removes it before reading
+    (and first puts ``adapters/`` back if a kill between two renames left it moved aside). Edits
+    made to ``adapters/`` by another process while a sync runs are lost: the sync copies the
+    folder as it found it.
 
     Args:
         root: Registry folder (default :func:`registry_root`).
@@ -415,18 +433,44 @@ def sync_shipped_entries(
 
     Returns:
         What differs (or was changed), e.g. ``["adapters/sql.toml: stale"]``; empty when up to date.
+
+    Raises:
+        WriteError: the disk is full or the folder is not writable (``adapters/`` untouched).
     """
-    from moa.atomic import atomic_write_bytes
+    from moa.atomic import atomic_directory, clean_stale
 
     folder = registry_root(root) / "adapters"
+    if folder.is_symlink():  # swap the folder it points to, not the link
+        folder = folder.resolve()
+    if write:
+        clean_stale(folder)  # what a killed sync left: put back a moved-aside folder, remove temp copies
     wanted = render_shipped_entries(manifest)
-    changes = []
+    changes, replaced = _shipped_changes(folder, wanted)
+    if write and changes:
+        with atomic_directory(folder) as new:
+            logger.debug("Building the new shipped registry entries in %s", new)
+            if folder.is_dir():
+                shutil.copymode(folder, new)
+                for path in sorted(folder.iterdir()):
+                    if path.name not in replaced:
+                        _copy_unchanged(path, new / path.name)
+            for name, text in wanted.items():
+                if f"{name}.toml" in replaced:
+                    _write_entry(new / f"{name}.toml", text.encode(), folder / f"{name}.toml")
+    if changes:
+        logger.info("Shipped registry entries %s: %s", "synced" if write else "out of date", "; ".join(changes))
+    return changes
+
+
+def _shipped_changes(folder: Path, wanted: dict[str, str]) -> tuple[list[str], set[str]]:
+    """What a sync changes in ``folder``: the report lines, and the file names it writes or removes."""
+    changes: list[str] = []
+    replaced: set[str] = set()
     for name, text in wanted.items():
         path = folder / f"{name}.toml"
         if not path.is_file() or path.read_text() != text:
             changes.append(f"adapters/{path.name}: {'stale' if path.is_file() else 'missing'}")
-            if write:
-                atomic_write_bytes(path, text.encode())
+            replaced.add(path.name)
     for path in sorted(folder.glob("*.toml")):
         try:
             source = tomllib.loads(path.read_text()).get("source", "")
@@ -434,11 +478,34 @@ def sync_shipped_entries(
             continue
         if path.stem not in wanted and isinstance(source, str) and source.startswith(SHIPPED_PREFIX):
             changes.append(f"adapters/{path.name}: not in the manifest")
-            if write:
-                path.unlink()
-    if changes:
-        logger.info("Shipped registry entries %s: %s", "synced" if write else "out of date", "; ".join(changes))
-    return changes
+            replaced.add(path.name)
+    return changes, replaced
+
+
+def _copy_unchanged(source: Path, destination: Path) -> None:
+    """Copy one entry of the old ``adapters/`` into the new one as it is (a link as a link)."""
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, destination, symlinks=True)
+    else:
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _write_entry(path: Path, data: bytes, target: Path) -> None:
+    """Write one entry into the new folder and flush it; an error names ``target``, where it was going.
+
+    Raises:
+        WriteError: the disk is full or the folder is not writable.
+    """
+    from moa.atomic import write_error
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise write_error(error, target, "write") from error
 
 
 __all__ = [

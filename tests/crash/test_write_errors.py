@@ -110,7 +110,7 @@ def test_disk_full_during_a_router_save(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("where", "patch", "code"), [
     pytest.param("os.fsync", full_disk, errno.ENOSPC, id="disk-full"),
-    pytest.param("os.replace", full_disk, errno.ENOSPC, id="disk-full-at-rename"),
+    pytest.param("moa.atomic.exchange_paths", full_disk, errno.ENOSPC, id="disk-full-at-swap"),
     pytest.param("os.open", no_permission, errno.EACCES, id="no-permission"),
 ])
 def test_registry_sync_write_error_leaves_the_entries_intact(tmp_path, monkeypatch, where, patch, code):
@@ -125,7 +125,7 @@ def test_registry_sync_write_error_leaves_the_entries_intact(tmp_path, monkeypat
     with pytest.raises(OSError) as raised:
         sync_shipped_entries(root)
     monkeypatch.undo()
-    check_clear_error(raised.value, code, "disk is full" if code == errno.ENOSPC else "permission denied", sql)
+    check_clear_error(raised.value, code, "disk is full" if code == errno.ENOSPC else "permission denied", sql.parent)
     assert snapshot(root) == old and leftovers(sql) == []
     assert sync_shipped_entries(root) and sync_shipped_entries(root, write=False) == []
 
