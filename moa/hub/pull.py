@@ -180,13 +180,22 @@ def _answered(error: HubError) -> HubError:
 
 
 def _listing(repo_id: str, revision: str | None, token: str | None) -> tuple[str, list[RemoteFile]]:
-    """The commit a revision resolves to, and every file the Hub lists there."""
+    """The commit a revision resolves to, and every file the Hub lists there.
+
+    One ``model_info`` call (huggingface_hub sends it once, without retries of its own), retried by
+    :func:`~moa.hub.download.retrying`: a Hub failing every time is given up on within
+    :func:`~moa.hub.download.give_up_bound_s` (``HF_HUB_DOWNLOAD_TIMEOUT`` per request).
+
+    Raises:
+        HubError: the repo or revision does not exist, or every attempt failed (what failed, attempts, time).
+    """
     from huggingface_hub import HfApi, constants
 
     api = HfApi(token=token)
     with hub_errors(repo_id, revision, "list"):
         info = retrying(lambda: api.model_info(repo_id, revision=revision, files_metadata=True,
-                                               timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT), f"list {repo_id}")
+                                               timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT),
+                        f"list the files of {repo_id!r} at revision {revision or 'main'}")
     commit = str(info.sha or "")
     if not _HEX40.match(commit):
         raise HubError(f"The Hub answered commit id {commit!r} for {repo_id!r}; expected 40 hex digits.")
@@ -240,7 +249,8 @@ def fetch_verified(
         cache_fallback: When the Hub cannot be reached, use the HF cache as if offline.
 
     Raises:
-        HubError: repo or revision not found, Hub unreachable and not cached.
+        HubError: repo or revision not found, Hub unreachable and not cached (given up on within
+            :func:`moa.hub.download.give_up_bound_s` when it fails every time).
         UnsafeFileError: an unsafe name in the listing, a pickle where weights should be, a file too big.
         IntegrityError: a file whose hash differs from the listing or the pin.
         AdapterFormatError: a required file is missing.
@@ -364,7 +374,10 @@ def pull_adapter(
         The folder (a snapshot in the HF cache); load it with ``model.load_adapter(folder)``.
 
     Raises:
-        HubError: The repo, the revision or the network failed.
+        HubError: The repo, the revision or the network failed. A Hub that fails every time (5xx,
+            refused, timeouts) is tried ``MOA_HUB_RETRIES`` times (default 3) and given up on within
+            :func:`moa.hub.download.give_up_bound_s` (61.5 s with the defaults; about 1.5 s when it
+            answers an error or refuses), see ``docs/reliability.md``.
         UnsafeFileError: An unsafe file name, or weights only as a pickle.
         IntegrityError: A downloaded file does not match the Hub's listing.
         AdapterFormatError: A file is not a valid adapter file.
