@@ -6,9 +6,9 @@
   tree with ``--no-deps``.
 * The Makefile and ``.ci/run`` install only from the locks (``--require-hashes``) or this tree
   (``--no-deps``).
-* ``requirements/lock.txt`` satisfies every range in pyproject, and ``requirements/oldest.txt``
-  pins every direct dependency at exactly its floor, so that ``make test-oldest`` tests the
-  floors pyproject declares.
+* ``requirements/lock.txt`` satisfies every range in pyproject (moa's and the plugin
+  packages'), and ``requirements/oldest.txt`` pins every direct dependency at exactly its
+  floor, so that ``make test-oldest`` tests the floors pyproject declares.
 """
 
 from __future__ import annotations
@@ -50,9 +50,12 @@ def local_projects() -> set[str]:
 
 
 def declared_requirements() -> list[Requirement]:
-    """moa's dependencies and every extra's, as pyproject declares them (for this Python)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    texts = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    """The dependencies (and every extra's) of moa and of the plugin packages, for this Python."""
+    texts = []
+    for pyproject in [ROOT / "pyproject.toml", *sorted((ROOT / "plugins").glob("*/pyproject.toml"))]:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+        texts += project.get("dependencies", [])
+        texts += [r for extra in project.get("optional-dependencies", {}).values() for r in extra]
     requirements = [Requirement(text) for text in texts]
     return [r for r in requirements if r.marker is None or r.marker.evaluate()]
 

@@ -1,7 +1,7 @@
 """KeywordRouter: regex rules from the prompt's text to adapter weights, no training.
 
-Each rule is ``(pattern, {adapter: weight})``. A request's text is searched
-(``re.search``, case-insensitive unless asked otherwise) with every rule, in order:
+Each rule is ``(pattern, {adapter: weight})``. A request's text is searched with every
+rule, in order (case-insensitive unless asked otherwise):
 
 * ``mode="first"``: the first matching rule's weights are the row's mixture;
 * ``mode="sum"``: the weights of every matching rule are added up.
@@ -10,6 +10,11 @@ When no rule matches, the row gets ``default`` (a mixture, or ``None`` = the bas
 model). Rules naming adapters the model has not loaded are skipped (logged once), so one
 rule file can serve deployments with different adapter sets. The router saves to a
 folder holding ``router_config.json`` (rules are plain JSON; no tensors).
+
+Rules are compiled with RE2 (:mod:`moa_router_keyword.patterns`), so searching a prompt
+takes time linear in its length whatever the rule: no rule can backtrack catastrophically
+and stall the caller. A rule RE2 cannot run (backreferences, lookaround) is refused when
+the router is built or loaded.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Literal
 from moa.adapters.file_checks import read_json_file
 from moa.errors import RoutingError
 from moa.routing import Router, RoutingDecision, RoutingRequest
+from moa_router_keyword.patterns import ADVICE, PatternError, compile_pattern, encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ class KeywordRule:
     """One rule: a regex and the mixture it sends matching prompts to.
 
     Attributes:
-        pattern: A Python regex searched anywhere in the prompt (``r"\\bselect\\b"``).
+        pattern: A regex (RE2 syntax) searched anywhere in the prompt (``r"\\bselect\\b"``).
         weights: ``{adapter name: weight >= 0}``.
     """
 
@@ -103,7 +109,8 @@ class KeywordRouter(Router):
             ``model(input_ids)`` / ``generate``); ``model.route([...])`` passes the texts.
 
     Raises:
-        RoutingError: A pattern that does not compile, a bad weight or mode.
+        RoutingError: A pattern RE2 cannot compile (it names the rule and why: RE2 has no
+            backreferences or lookaround), a bad weight or mode.
 
     Example::
 
@@ -136,14 +143,13 @@ class KeywordRouter(Router):
         self.normalize = bool(normalize)
         self.case_sensitive = bool(case_sensitive)
         self.tokenizer = tokenizer
-        flags = 0 if self.case_sensitive else re.IGNORECASE
         self._compiled = []
         for i, rule in enumerate(self.rules):
             try:
-                self._compiled.append(re.compile(rule.pattern, flags))
-            except re.error as error:
-                raise RoutingError(f"Rule {i}: pattern {rule.pattern!r} is not a valid regex "
-                                   f"({error}).") from error
+                self._compiled.append(compile_pattern(rule.pattern, case_sensitive=self.case_sensitive))
+            except PatternError as error:
+                raise RoutingError(f"Rule {i}: pattern {rule.pattern!r} is not a valid regex for RE2 "
+                                   f"({error}). {ADVICE}.") from error
         self._warned: set[str] = set()
 
     @classmethod
@@ -179,9 +185,10 @@ class KeywordRouter(Router):
         """
         available = None if loaded is None else set(loaded)
         total: dict[str, float] = {}
-        for rule, regex in zip(self.rules, self._compiled, strict=True):
+        data = encode_text(text)  # once for every rule
+        for rule, compiled in zip(self.rules, self._compiled, strict=True):
             weights = self._available(rule.weights, available)
-            if not weights or regex.search(text) is None:
+            if not weights or not compiled.search(data):
                 continue
             for adapter, weight in weights.items():
                 total[adapter] = total.get(adapter, 0.0) + weight
