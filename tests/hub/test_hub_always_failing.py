@@ -63,8 +63,16 @@ def knobs(monkeypatch) -> None:
 
 
 @pytest.fixture
-def published(hub, adapter_folder, knobs, tmp_path, monkeypatch) -> dict[str, str]:
-    """REPO on the Hub test server, an empty HF cache and an empty MOA_HOME; the pushed sha256s."""
+def published(hub, adapter_folder, tmp_path, monkeypatch) -> dict[str, str]:
+    """REPO on the Hub test server, an empty HF cache and an empty MOA_HOME; the pushed sha256s.
+
+    Pushed with a fresh client and moa's default retries, before a test lowers them (``knobs``):
+    earlier tests' faults can leave connections in huggingface_hub's shared pool that the server
+    has dropped, and this set-up is not what these tests measure.
+    """
+    from huggingface_hub import close_session
+
+    close_session()
     monkeypatch.setenv("MOA_HOME", str(tmp_path / "moa-home"))
     return push_adapter_folder(adapter_folder, REPO, model_card=False).files
 
@@ -117,7 +125,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_hub_failing_every_time_gives_a_clear_error_within_the_bound(hub, published, tmp_path, monkeypatch,
+def test_a_hub_failing_every_time_gives_a_clear_error_within_the_bound(hub, published, knobs, tmp_path, monkeypatch,
                                                                       refused_port, case):
     fail_forever(hub, monkeypatch, refused_port, case)
     start = time.monotonic()
@@ -135,7 +143,7 @@ def test_a_hub_failing_every_time_gives_a_clear_error_within_the_bound(hub, publ
     assert not (tmp_path / "moa-home").exists() or not any((tmp_path / "moa-home").rglob("*"))
 
 
-def test_every_failing_head_is_sent_once_per_attempt(hub, published, monkeypatch, refused_port):
+def test_every_failing_head_is_sent_once_per_attempt(hub, published, knobs, monkeypatch, refused_port):
     """No hidden backoff inside an attempt: the Hub sees ``MOA_HUB_RETRIES`` HEADs, then moa gives up."""
     fail_forever(hub, monkeypatch, refused_port, "head-503")
     with pytest.raises(HubError):
@@ -143,7 +151,7 @@ def test_every_failing_head_is_sent_once_per_attempt(hub, published, monkeypatch
     assert hub.count("HEAD", "/resolve/") == ATTEMPTS
 
 
-def test_moa_pull_to_a_folder_leaves_no_folder(hub, published, tmp_path, monkeypatch, refused_port, capsys):
+def test_moa_pull_to_a_folder_leaves_no_folder(hub, published, knobs, tmp_path, monkeypatch, refused_port, capsys):
     from moa.cli import main
 
     fail_forever(hub, monkeypatch, refused_port, "head-503")
@@ -157,7 +165,7 @@ def test_moa_pull_to_a_folder_leaves_no_folder(hub, published, tmp_path, monkeyp
     assert cached_files(hub.cache_dir) == []
 
 
-def test_the_pull_succeeds_once_the_hub_answers_again(hub, published, monkeypatch, refused_port):
+def test_the_pull_succeeds_once_the_hub_answers_again(hub, published, knobs, monkeypatch, refused_port):
     from moa.hub.verify import sha256_file
 
     fail_forever(hub, monkeypatch, refused_port, "head-503")
