@@ -3,7 +3,8 @@
 On the default base (fp32, so bitsandbytes' CPU path does not blur the numbers) with the
 five shipped adapters, a batch of rows, each on a different adapter, is run two ways,
 interleaved round by round: ``model(..., check_finite=True)`` (the default: one
-``isfinite().all()`` over the logits in a hook on the LM head) and ``check_finite=False``.
+sum over the logits in a hook on the LM head, :func:`moa.model.finite_logits.all_finite`) and
+``check_finite=False``.
 Two shapes: a prefill (``--batch`` x ``--seq`` tokens, every position's logits) and a decode
 step (``--batch`` x 1 token). The check's own time on logits of each shape is timed too,
 since on a busy VM two forwards differ by more than the check costs. Medians of the rounds;
@@ -26,6 +27,7 @@ import torch
 import moa
 from moa.data import DOMAINS
 from moa.eval.assets import load_adapters, shipped_adapters_dir
+from moa.model.finite_logits import all_finite
 
 OUT = Path(__file__).resolve().parent / "results" / "finite_check.json"
 
@@ -60,7 +62,7 @@ def main() -> None:
             times["checked"].append(timed(lambda: model(ids, adapter_names=names, check_finite=True)))
             times["unchecked"].append(timed(lambda: model(ids, adapter_names=names, check_finite=False)))
         logits = torch.randn(args.batch, seq, model.config.vocab_size)
-        check = [timed(lambda: bool(torch.isfinite(logits).all())) for _ in range(args.rounds * 5)]
+        check = [timed(lambda: all_finite(logits)) for _ in range(args.rounds * 5)]
         checked, unchecked = statistics.median(times["checked"]), statistics.median(times["unchecked"])
         results[shape] = {
             "batch": args.batch, "tokens_per_row": seq, "vocab": model.config.vocab_size,

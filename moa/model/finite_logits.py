@@ -7,8 +7,8 @@ so it sees the logits of every forward of a call — ``model(...)`` and each ste
 ``model.generate(...)`` alike — and reads the call's routing from the call frame, which
 belongs to the calling thread's context (concurrent calls never see each other's rows).
 
-It costs one ``isfinite().all()`` over the logits per forward; the rows are only looked at
-when that fails (``benchmarks/finite_check.py`` measures it). Rows that run the base alone
+It costs one sum over the logits per forward (:func:`all_finite`); the rows are only looked
+at when that is not finite (``benchmarks/finite_check.py`` measures it). Rows that run the base alone
 are not the adapters' doing and never raise. A caller that handles non-finite rows itself
 (``moa serve`` fails only the request concerned) passes ``check_finite=False``.
 """
@@ -47,6 +47,16 @@ def adapter_rows(plan: CallPlan, batch: int) -> set[int] | None:
     return rows
 
 
+def all_finite(logits: torch.Tensor) -> bool:
+    """Whether ``logits`` hold no NaN or infinity (or sum past the dtype's range: then look closer).
+
+    One pass with no ``[B, S, V]`` temporary, unlike ``isfinite(logits).all()`` (6 vs 137 ms on
+    16 x 64 x 49152 logits here): a NaN or an infinity makes the sum non-finite. A sum that only
+    overflows sends :func:`check_logits` to its exact per-row look, which then finds nothing.
+    """
+    return bool(torch.isfinite(logits.detach().sum()))
+
+
 def check_logits(logits: torch.Tensor, plan: CallPlan, adapter_names: tuple[str, ...]) -> None:
     """Raise :class:`NonFiniteOutputError` if a row that adapters computed has a NaN or infinite logit.
 
@@ -55,7 +65,7 @@ def check_logits(logits: torch.Tensor, plan: CallPlan, adapter_names: tuple[str,
         plan: The call's routing plan.
         adapter_names: The model's adapter slots when the call began.
     """
-    if bool(torch.isfinite(logits).all()):
+    if all_finite(logits):
         return
     bad = (~torch.isfinite(logits.detach())).flatten(1).any(dim=1).nonzero().flatten().tolist()
     with_adapters = adapter_rows(plan, int(logits.shape[0]))
@@ -97,4 +107,4 @@ def install_logits_check(owner: object, base_model: nn.Module) -> RemovableHandl
     return head.register_forward_hook(LogitsCheck(owner))
 
 
-__all__ = ["LogitsCheck", "adapter_rows", "check_logits", "install_logits_check"]
+__all__ = ["LogitsCheck", "adapter_rows", "all_finite", "check_logits", "install_logits_check"]

@@ -24,7 +24,7 @@ bandwidth; ``ratio`` = triton time / floor.
 Refuses to run without CUDA (exit 2) unless ``--cpu-smoke``, which runs a tiny
 configuration through the torch reference only, to prove the script runs.
 
-Run: ``python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels.json]``
+Run: ``python benchmarks/triton_kernels.py [--quick] [--out benchmarks/results/kernels.json]``
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, machine = cpu_smoke()
         out = args.out or RESULTS / "kernels_cpu_smoke.json"
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA device (none found): timings of the Triton kernels "
+        print("benchmarks/triton_kernels.py needs a CUDA device (none found): timings of the Triton kernels "
               "only mean something on a GPU. Run it on a GPU machine, or pass --cpu-smoke to check "
               "that the script runs (torch reference only).", file=sys.stderr)
         return 2
