@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_LOCK = ROOT / "requirements" / "base-model.txt"
+BASE_LOCK = ROOT / "requirements" / "smollm2.txt"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 
 
