@@ -9,8 +9,10 @@
 # pyproject.toml keeps version ranges: moa is a library and does not pin its users; the lock
 # pins what the project's machines test.
 #
-#   make lock         regenerate the locks (the newest versions inside pyproject's ranges, and
-#                     requirements/oldest.txt: every direct dependency at its declared floor)
+#   make lock         regenerate the locks after a change to pyproject: requirements/lock.txt
+#                     keeps every pin that still fits (LOCK_FLAGS=--upgrade takes the newest
+#                     versions in range); requirements/oldest.txt pins every direct dependency
+#                     at its declared floor
 #   make test-oldest  the suite in .venv-oldest, installed from requirements/oldest.txt
 #   make test-latest  the suite in .venv-latest, with the newest of everything resolved now
 #   make docs         the documentation site, `mkdocs build --strict`
@@ -54,8 +56,9 @@ test: setup
 docs: setup
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
+LOCK_FLAGS ?=
 lock: setup
-	$(COMPILE) $(ALL) -o requirements/lock.txt
+	$(COMPILE) $(LOCK_FLAGS) $(ALL) -o requirements/lock.txt
 	$(COMPILE) --resolution lowest-direct $(ALL) -o requirements/oldest.txt
 
 test-oldest: setup
