@@ -97,6 +97,18 @@ def add_lora(model, name: str, seed: int, r: int = 4, targets=("q_proj", "v_proj
                                            init_lora_weights=False))
 
 
+@pytest.fixture(scope="module")
+def adapter_folder(tiny_base_dir, tmp_path_factory) -> Path:
+    """An adapter folder (PEFT layout) to push: a random rank-4 LoRA of the tiny base."""
+    from moa.testing.fixtures import make_tiny_model
+
+    model = make_tiny_model(tiny_base_dir)
+    add_lora(model, "ad", seed=5)
+    folder = tmp_path_factory.mktemp("adapter") / "ad"
+    model.save_adapter("ad", folder)
+    return folder
+
+
 def logits(model, input_ids, name: str | None) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids, adapter_names=[name] * len(input_ids)).logits

@@ -25,8 +25,6 @@ from moa.errors import HubError, IntegrityError
 from moa.hub import pull_adapter
 from moa.hub.push import push_adapter_folder
 from moa.hub.verify import git_blob_sha1_file, sha256_file
-from moa.testing.fixtures import make_tiny_model
-from tests.hub.conftest import add_lora
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,16 +34,6 @@ CONFIG = "adapter_config.json"
 RESOLVE = rf"^/{REPO}/resolve/[^/]+/"  # + the file name
 LISTING = rf"^/api/models/{REPO}(/revision/[^/]+)?$"
 COMMIT = rf"^/api/models/{REPO}/commit/"
-
-
-@pytest.fixture(scope="module")
-def adapter_folder(tiny_base_dir, tmp_path_factory) -> Path:
-    """An adapter folder (PEFT layout) to push: a random rank-4 LoRA of the tiny base."""
-    model = make_tiny_model(tiny_base_dir)
-    add_lora(model, "ad", seed=5)
-    folder = tmp_path_factory.mktemp("faulty") / "ad"
-    model.save_adapter("ad", folder)
-    return folder
 
 
 @pytest.fixture

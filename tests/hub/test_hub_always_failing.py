@@ -25,8 +25,6 @@ import pytest
 from moa.errors import HubError
 from moa.hub import pull_adapter
 from moa.hub.push import push_adapter_folder
-from moa.testing.fixtures import make_tiny_model
-from tests.hub.conftest import add_lora
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,16 +37,6 @@ FOREVER = 10**9
 ATTEMPTS, WAIT_S, TIMEOUT_S = 2, 0.1, 2
 #: The bound docs/reliability.md documents, for these knobs: attempts x (connect + answer timeout) + the waits.
 BOUND_S = ATTEMPTS * 2 * TIMEOUT_S + WAIT_S
-
-
-@pytest.fixture(scope="module")
-def adapter_folder(tiny_base_dir, tmp_path_factory) -> Path:
-    """An adapter folder to publish: a random rank-4 LoRA of the tiny base."""
-    model = make_tiny_model(tiny_base_dir)
-    add_lora(model, "ad", seed=7)
-    folder = tmp_path_factory.mktemp("always-failing") / "ad"
-    model.save_adapter("ad", folder)
-    return folder
 
 
 @pytest.fixture
