@@ -5,7 +5,12 @@ Modules (nothing heavy is imported here; the HTTP ones need the ``serve`` extra)
 * :mod:`moa.serve.requests` — the records shared by the app and the engine;
 * :mod:`moa.serve.engine` — the engine thread: continuous batching over the model;
 * :mod:`moa.serve.adapter_cache` — resident adapters, LRU eviction, just-in-time loads;
-* :mod:`moa.serve.protocol` — OpenAI request bodies and response shapes;
+* :mod:`moa.serve.rows` — one request inside the engine: sampling, masks, log-probabilities;
+* :mod:`moa.serve.logprobs` — log-probabilities of a row's tokens and their OpenAI shapes;
+* :mod:`moa.serve.structured` — ``response_format`` (JSON) through llguidance, row by row;
+* :mod:`moa.serve.protocol` — OpenAI request bodies, validated;
+* :mod:`moa.serve.fields` — the request fields honoured, taken at neutral values, or refused;
+* :mod:`moa.serve.responses` — OpenAI response and chunk shapes;
 * :mod:`moa.serve.prompts` — prompt token ids (chat template) of a request;
 * :mod:`moa.serve.model_names` — what a request's ``"model"`` means;
 * :mod:`moa.serve.delivery` — JSON or Server-Sent Events back to the client;

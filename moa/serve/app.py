@@ -38,10 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moa.errors import MoaError, UnknownAdapterError
 from moa.model.adapter_bank import check_adapter_name
 from moa.serve import protocol
-from moa.serve.delivery import Delivery
+from moa.serve.delivery import Delivery, Presentation
+from moa.serve.logprobs import TokenText
 from moa.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from moa.serve.model_names import ModelNames
-from moa.serve.prompts import chat_prompt_ids, completion_prompt_ids
+from moa.serve.prompts import chat_prompt_ids, completion_prompt_ids, prompt_text
 from moa.serve.requests import (
     AUTO,
     BadRequestError,
@@ -50,6 +51,8 @@ from moa.serve.requests import (
     ServeError,
     UnknownModelError,
 )
+from moa.serve.rows import eos_ids
+from moa.serve.structured import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -201,20 +204,47 @@ def create_app(
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
-    async def submit(request: Request, body: protocol.SamplingFields, kind: str, prompt_ids: list[int]) -> Response:
+    tokens = TokenText(getattr(model, "tokenizer", None))
+    structured = StructuredOutput(getattr(model, "tokenizer", None), int(model.config.vocab_size), eos_ids(model))
+
+    async def submit(request: Request, body: protocol.SamplingFields, kind: str, prompts: list[list[int]],
+                     texts: list[str] | None = None) -> Response:
         arrived = time.perf_counter()
         resolved = names.resolve(body.model, body.adapter_weights)
         params = body.sampling_params()
-        protocol.check_prompt_not_empty(prompt_ids)
+        for prompt_ids in prompts:
+            protocol.check_prompt_not_empty(prompt_ids)
+        if len(prompts) > engine.max_queue:
+            raise BadRequestError(f"prompt holds {len(prompts)} prompts; this server queues at most "
+                                  f"{engine.max_queue} requests (--max-queue). Send fewer per request.", "prompt")
+        spec = body.response_spec()
+        grammar = await run_in_threadpool(structured.grammar, spec) if spec else None
+        n = body.n
+        choices = [[params.for_choice(j) for j in range(n)] for _ in prompts]
+        guides = await run_in_threadpool(lambda: [[structured.guide(grammar) if grammar else None for _ in row]
+                                                  for row in choices])
         request_id = protocol.new_request_id("chatcmpl" if kind == "chat" else "cmpl")
+        handles: list[Any] = []
         with adapter_cache.lease(resolved.adapters):
-            if any(adapter_cache.record(n) is None for n in resolved.adapters):
+            if any(adapter_cache.record(name) is None for name in resolved.adapters):
                 await run_in_threadpool(adapter_cache.ensure, resolved.adapters)
             else:
                 adapter_cache.touch(resolved.adapters)
-            handle = engine.submit(GenerationRequest(request_id, prompt_ids, resolved.routing, params))
-        delivery = Delivery(handle, kind, request_id, body.model, resolved.label, arrived,
-                            body.include_usage, metrics)
+            try:
+                for i, prompt_ids in enumerate(prompts):
+                    group = [GenerationRequest(request_id if i * n + j == 0 else f"{request_id}-{i * n + j}",
+                                               prompt_ids, resolved.routing, p, guide=g)
+                             for j, (p, g) in enumerate(zip(choices[i], guides[i], strict=True))]
+                    handles.extend(engine.submit_choices(group))
+            except BaseException:
+                for handle in handles:
+                    handle.cancel()
+                raise
+        show = Presentation(kind, n, prompts, texts or [], echo=bool(getattr(body, "echo", False)),
+                            logprobs=params.logprobs is not None, prompt_logprobs=params.prompt_logprobs is not None,
+                            as_ids=body.return_tokens_as_token_ids, tokens=tokens)
+        delivery = Delivery(handles, request_id, body.model, resolved.label, arrived, body.include_usage, metrics,
+                            show)
         if body.stream:
             return StreamingResponse(delivery.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -222,15 +252,17 @@ def create_app(
 
     @v1.post("/completions")
     async def completions(request: Request, body: protocol.CompletionRequest) -> Response:
-        """OpenAI's text completions (``prompt``), streamed or not."""
-        prompt_ids = completion_prompt_ids(model, body.prompt_text(), body.prompt_token_ids())
-        return await submit(request, body, "completion", prompt_ids)
+        """OpenAI's text completions (``prompt``: one or several), streamed or not."""
+        prompts = [completion_prompt_ids(model, p.text, p.token_ids) for p in body.prompts()]
+        texts = [p.text if p.text is not None else prompt_text(model, ids) for p, ids in
+                 zip(body.prompts(), prompts, strict=True)] if body.echo else None
+        return await submit(request, body, "completion", prompts, texts)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request, body: protocol.ChatCompletionRequest) -> Response:
         """OpenAI's chat completions (``messages``, the base's chat template), streamed or not."""
         prompt_ids = chat_prompt_ids(model, body.message_dicts())
-        return await submit(request, body, "chat", prompt_ids)
+        return await submit(request, body, "chat", [prompt_ids])
 
     @v1.get("/models")
     async def list_models() -> dict[str, Any]:
@@ -308,7 +340,7 @@ def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
             headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
         elif isinstance(error, UnauthorizedError):
             headers = {"WWW-Authenticate": "Bearer"}
-        return answer(error.status, str(error), error.code, headers=headers)
+        return answer(error.status, str(error), error.code, getattr(error, "param", None), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:

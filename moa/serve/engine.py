@@ -50,7 +50,7 @@ from moa.serve.requests import (
     OverloadedError,
     UnknownModelError,
 )
-from moa.serve.rows import Row
+from moa.serve.rows import Row, eos_ids
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,7 +100,7 @@ class Engine:
         if max_prefill_tokens < 1:
             raise BadRequestError(f"max_prefill_tokens must be >= 1; got {max_prefill_tokens}.")
         self.max_prefill_tokens = int(max_prefill_tokens)
-        self.eos_ids = _eos_ids(model)
+        self.eos_ids = eos_ids(model)
         self._cache_key = cache_argument(model)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Row] = collections.deque()
@@ -158,15 +158,25 @@ class Engine:
     # -- client API ------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queue a request; returns its handle at once.
+        """Queue a request; returns its handle at once (raises as :meth:`submit_choices`)."""
+        return self.submit_choices([request])[0]
+
+    def submit_choices(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue ``n`` choices of one prompt (same prompt and routing; their own sampling and
+        guides), prefilled once (:mod:`moa.serve.rows`); returns their handles at once.
 
         Raises:
             EngineDeadError: The engine is not running.
-            BadRequestError: Empty or too long prompt, or "auto" without a router.
+            BadRequestError: Empty or too long prompt, "auto" without a router, more choices
+                than ``max_batch_size``.
             UnknownModelError: An adapter that is not loaded.
             OverloadedError: The queue is full.
         """
         self._check_alive()
+        request = requests[0]
+        if len(requests) > self.max_batch_size:
+            raise BadRequestError(f"n={len(requests)} choices exceed this server's batch of {self.max_batch_size} "
+                                  f"rows (--max-batch-size); ask for fewer.", "n")
         prompt_len = len(request.prompt_ids)
         if prompt_len == 0:
             raise BadRequestError("The prompt is empty; give at least one token.")
@@ -188,17 +198,22 @@ class Engine:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        handle = RequestHandle(request, loop)
+        now = time.perf_counter()
+        rows = [Row(r, RequestHandle(r, loop), self, now) for r in requests]
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + (len(rows) if self.deterministic else 1) > self.max_queue:
                 raise OverloadedError(
                     f"The server is busy: {len(self._waiting)} requests are already waiting "
                     f"(--max-queue {self.max_queue}). Retry shortly.",
                     retry_after=1.0,
                 )
-            self._waiting.append(Row(request, handle, self, time.perf_counter()))
+            if self.deterministic:  # every row is prefilled alone anyway
+                self._waiting.extend(rows)
+            else:
+                rows[0].followers = rows[1:]
+                self._waiting.append(rows[0])
             self._cond.notify_all()
-        return handle
+        return [row.handle for row in rows]
 
     def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run ``fn`` on the engine thread between two steps; return its result (or raise)."""
@@ -306,8 +321,8 @@ class Engine:
         """Add the prefilled rows (``None``: cancelled or failed) that are not finished to the batch."""
         with self._cond:
             self._admitting = []
-            admitted = [(row, kv) for row, kv in zip(rows, prefilled, strict=True)
-                        if kv is not None and not row.finished]
+            admitted = [(member, kv) for row, kv in zip(rows, prefilled, strict=True) if kv is not None
+                        for member in row.take_group() if not member.finished]
             self._running.extend(row for row, _ in admitted)
         if not admitted:
             return
@@ -320,17 +335,17 @@ class Engine:
             self._batch.join_rows([kv for _, kv in admitted])
 
     def _take_waiting(self, free: int) -> list[Row]:
-        """Pop the requests to prefill together: up to ``free`` rows and the token budget
-        (always at least one); one at a time in deterministic mode. Caller holds the lock."""
+        """Pop the requests to prefill together: up to ``free`` rows (a group of ``n`` choices
+        counts ``n``) and the token budget; one at a time in deterministic mode. Caller holds the lock."""
         rows: list[Row] = []
-        tokens = 0
+        tokens = width = 0
         limit = 1 if self.deterministic else free
-        while self._waiting and len(rows) < limit:
+        while self._waiting and width + self._waiting[0].width <= limit:
             size = len(self._waiting[0].request.prompt_ids)
             if rows and tokens + size > self.max_prefill_tokens:
                 break
             rows.append(self._waiting.popleft())
-            tokens += size
+            tokens, width = tokens + size, width + rows[-1].width
         return rows
 
     def _prefill(self, rows: list[Row]) -> list[Any]:
@@ -397,11 +412,11 @@ class Engine:
         model = self.model
         inputs = prefill_inputs(row.request.prompt_ids, model.device)
         cache = new_cache(model)
-        out = model(**inputs, **{self._cache_key: cache}, use_cache=True, logits_to_keep=1,
+        out = model(**inputs, **{self._cache_key: cache}, use_cache=True, logits_to_keep=row.prompt_logits,
                     check_finite=False, **row.routing_kwargs(model))
         self.prefill_forwards += 1
         self.prefilled_requests += 1
-        row.accept(out.logits[0, -1])
+        row.accept_prefill(out.logits[0])
         return cache  # filled in place
 
     def _prefill_packed(self, rows: list[Row]) -> list[Any]:
@@ -409,7 +424,8 @@ class Engine:
         model = self.model
         prompts = [row.request.prompt_ids for row in rows]
         lengths = [len(p) for p in prompts]
-        inputs = packing.packed_inputs(prompts, model.device, model.base_model.dtype)
+        inputs = packing.packed_inputs(prompts, model.device, model.base_model.dtype,
+                                       [row.prompt_logits for row in rows])
         routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
                                          lengths, model.adapter_names)
         cache = new_cache(model)
@@ -422,10 +438,11 @@ class Engine:
         return packing.split(layer_tensors(cache), lengths)
 
     def _accept_first_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
-        """Each new row's first token from its prompt's last logits (``logits[i]``)."""
-        for index, row in enumerate(rows):
+        """Each new row's first token (and prompt log-probabilities) from its prompt's kept logits,
+        ``row.prompt_logits`` positions each, in order."""
+        for row, kept in zip(rows, logits.split([row.prompt_logits for row in rows]), strict=True):
             try:
-                row.accept(logits[index])
+                row.accept_prefill(kept)
             except Exception as error:  # noqa: BLE001 - this row only
                 self._fail(row, error)
 
@@ -471,7 +488,7 @@ class Engine:
         lengths = [len(p) for p in prompts]
         cache = mixed_step.StepCache(batch.cache, len(running), lengths)
         inputs = mixed_step.step_inputs([row.last_token for row in running], [row.length - 1 for row in running],
-                                        prompts, model.device)
+                                        prompts, model.device, [row.prompt_logits for row in live])
         rows = [*running, *live]
         routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
                                          [1] * len(running) + lengths, model.adapter_names)
@@ -551,7 +568,7 @@ class Engine:
             self._running, self._batch = [], None
             self._waiting.clear()
             self._admin.clear()
-        for row in rows:
+        for row in (member for row in rows for member in row.group()):
             if not row.handle.done:
                 row.handle.finish(None, error)
         for _, future in admin:
@@ -563,18 +580,3 @@ def _run_admin(fn: Callable[[], Any], future: concurrent.futures.Future) -> None
         future.set_result(fn())
     except BaseException as error:  # noqa: BLE001 - handed to the caller
         future.set_exception(error)
-
-
-def _eos_ids(model: Any) -> frozenset[int]:
-    """Token ids that end a completion (the generation config's and the tokenizer's EOS)."""
-    ids: set[int] = set()
-    config = getattr(model.base_model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos is not None:
-        ids.update(int(e) for e in eos)
-    tokenizer = model.tokenizer
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)

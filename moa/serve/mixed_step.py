@@ -165,21 +165,24 @@ def step_inputs(
     positions: Sequence[int],
     prompts: Sequence[Sequence[int]],
     device: torch.device,
+    kept: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """``input_ids``, ``position_ids`` and ``logits_to_keep`` of one mixed step.
 
     The kept logits are each running row's (its next token), then each prompt's last
-    token's (its first token), in that order. ``attention_mask`` is an empty 4D tensor:
-    transformers then builds no mask (moa's attention makes its own per request).
+    token's (its first token; ``kept[i]`` last positions of prompt ``i`` when given, all of
+    them for prompt log-probabilities), in that order. ``attention_mask`` is an empty 4D
+    tensor: transformers then builds no mask (moa's attention makes its own per request).
     """
     lengths = [len(p) for p in prompts]
     ids = [*tokens, *(t for p in prompts for t in p)]
     pos = [*positions, *(i for n in lengths for i in range(n))]
     rows = len(tokens)
-    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1 + rows
+    ends = torch.tensor(lengths, dtype=torch.long).cumsum(0) + rows
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long, device=device),
         "position_ids": torch.tensor([pos], dtype=torch.long, device=device),
         "attention_mask": torch.ones(1, 1, 0, 0, dtype=torch.bool, device=device),
-        "logits_to_keep": torch.cat([torch.arange(rows), ends]).to(device),
+        "logits_to_keep": torch.cat([torch.arange(rows), packing.kept_positions(ends, kept, torch.device("cpu"))])
+        .to(device),
     }

@@ -35,18 +35,21 @@ from moa.routing.decision import RoutingDecision
 RowKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def packed_inputs(prompts: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def packed_inputs(prompts: Sequence[Sequence[int]], device: torch.device, dtype: torch.dtype,
+                  kept: Sequence[int] | None = None) -> dict[str, Any]:
     """The inputs of one packed prefill of ``prompts`` (at least one, none empty).
 
     Args:
         prompts: Token ids of each prompt.
         device: Where the model runs.
         dtype: The model's compute dtype (the additive mask's).
+        kept: Per prompt, how many of its last positions' logits to keep (default 1; a
+            prompt's length keeps them all, for its prompt log-probabilities).
 
     Returns:
         ``input_ids`` and ``position_ids`` ``[1, N]``, a 4D additive ``attention_mask``
         ``[1, 1, N, N]`` (0 where a token may attend, the dtype's minimum elsewhere) and
-        ``logits_to_keep``: the index of each prompt's last token.
+        ``logits_to_keep``: the indices of each prompt's kept positions, prompt by prompt.
     """
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     ids = torch.tensor([[t for p in prompts for t in p]], dtype=torch.long, device=device)
@@ -61,8 +64,15 @@ def packed_inputs(prompts: Sequence[Sequence[int]], device: torch.device, dtype:
         "input_ids": ids,
         "position_ids": positions[None],
         "attention_mask": mask[None, None],
-        "logits_to_keep": starts + lengths - 1,
+        "logits_to_keep": kept_positions(starts + lengths, kept, device),
     }
+
+
+def kept_positions(ends: torch.Tensor, kept: Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    """Indices of the last ``kept[i]`` positions before each ``ends[i]`` (default: the last one)."""
+    if kept is None or all(k == 1 for k in kept):
+        return ends - 1
+    return torch.cat([torch.arange(int(end) - k, int(end), device=device) for end, k in zip(ends, kept, strict=True)])
 
 
 def packed_routing(

@@ -35,7 +35,7 @@ def chat_text(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
         tokenizer: The base's tokenizer.
         messages: ``[{"role", "content"}]``.
     """
-    if len(messages) == 1 and messages[0]["role"] == "user":
+    if len(messages) == 1 and messages[0]["role"] == "user" and set(messages[0]) == {"role", "content"}:
         return chat_prompt(tokenizer, messages[0]["content"])  # byte-identical to training / eval
     if getattr(tokenizer, "chat_template", None):
         try:
@@ -74,3 +74,11 @@ def completion_prompt_ids(model: Any, text: str | None, token_ids: list[int] | N
             raise BadRequestError(f"Prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}.")
         return list(token_ids)
     return list(_tokenizer(model)(text or "")["input_ids"])
+
+
+def prompt_text(model: Any, token_ids: Sequence[int]) -> str:
+    """A token-id prompt as text (what ``echo`` shows), special tokens included."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return ""
+    return tokenizer.decode(list(token_ids), skip_special_tokens=False)

@@ -1,7 +1,19 @@
-"""One request's life inside the engine: its routing, tokens, text and how it ends."""
+"""One request's life inside the engine: its routing, tokens, text and how it ends.
+
+A row picks its own tokens from its own logits (greedy or with its own seeded generator),
+after its own masks (``min_tokens``, a structured-output :class:`~moa.serve.structured.Guide`),
+and records log-probabilities from those same logits before any mask (:mod:`moa.serve.logprobs`).
+
+``n`` choices of one prompt are one *group*: a leader row, queued and prefilled like any
+other, and its followers, which ride along until the prefill. The prompt is prefilled once;
+every member picks its first token from the leader's last logits (each with its own
+generator) and joins the batch with a copy of the leader's KV cache; from then on each one
+decodes as a row of its own.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -10,12 +22,15 @@ import torch
 
 from moa.errors import NonFiniteOutputError
 from moa.routing.decision import RoutingDecision
+from moa.serve.logprobs import prompt_logprobs, step_logprob
 from moa.serve.packing import from_layer_argument
-from moa.serve.requests import Completion, GenerationRequest, TokenEvent
+from moa.serve.requests import Completion, GenerationRequest, TokenEvent, TokenLogprob
 
 if TYPE_CHECKING:
     from moa.serve.engine import Engine
     from moa.serve.handle import RequestHandle
+
+logger = logging.getLogger(__name__)
 
 
 class Row:
@@ -38,12 +53,17 @@ class Row:
         self.from_layer = 0
         self.finished = False
         self.cache: Any = None  # the row's own KV cache (deterministic mode)
+        self.followers: list[Row] = []  # the other choices of this prompt, until the prefill
+        self.guide = request.guide
+        params = request.params
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._sent = ""  # text already streamed
         self._generator: torch.Generator | None = None
-        if not request.params.greedy:
+        if not params.greedy:
             self._generator = torch.Generator()
-            if request.params.seed is not None:
-                self._generator.manual_seed(int(request.params.seed))
+            if params.seed is not None:
+                self._generator.manual_seed(int(params.seed))
             else:
                 self._generator.seed()
 
@@ -59,17 +79,40 @@ class Row:
     def last_token(self) -> int:
         return self.tokens[-1]
 
+    @property
+    def width(self) -> int:
+        """Rows this one brings into the batch (itself and its followers)."""
+        return 1 + len(self.followers)
+
+    @property
+    def prompt_logits(self) -> int:
+        """Prompt positions whose logits the prefill must keep: all for prompt log-probabilities
+        (``echo``), else the last."""
+        return len(self.request.prompt_ids) if self.request.params.prompt_logprobs is not None else 1
+
+    def group(self) -> list[Row]:
+        """This row and its followers (the choices prefilled with it)."""
+        return [self, *self.followers]
+
+    def take_group(self) -> list[Row]:
+        """:meth:`group`, detaching the followers: from now on each member is a row of its own."""
+        members, self.followers = self.group(), []
+        return members
+
     def adapters(self) -> tuple[str, ...]:
         """The adapters this row uses (for eviction and metrics)."""
         return tuple(self.mixture)
 
     def start_prefill(self) -> None:
-        self.seconds_queued = time.perf_counter() - self.submitted
+        now = time.perf_counter()
+        for row in self.group():
+            row.seconds_queued = now - row.submitted
 
     def set_decided(self, mixture: dict[str, float], from_layer: int) -> None:
-        """Pin the router's decision for this row (made from its prompt)."""
-        self.mixture = dict(mixture)
-        self.from_layer = int(from_layer)
+        """Pin the router's decision for this row and its followers (made from their prompt)."""
+        for row in self.group():
+            row.mixture = dict(mixture)
+            row.from_layer = int(from_layer)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -86,40 +129,70 @@ class Row:
 
     # -- tokens ----------------------------------------------------------------------------
 
+    def accept_prefill(self, logits: torch.Tensor) -> None:
+        """Take the prefill's logits (``[prompt_logits, vocab]``): the prompt's log-probabilities
+        when asked for, then each group member's first token from the last position."""
+        scored = None
+        params = self.request.params
+        if params.prompt_logprobs is not None:
+            scored = prompt_logprobs(logits[:-1], self.request.prompt_ids, params.prompt_logprobs)
+        followers, self.followers = self.followers, []  # so a failing leader fails alone here
+        for row in (self, *followers):
+            row.prompt_logprobs = scored
+            row.accept(logits[-1])  # a member that fails fails alone
+        self.followers = followers  # they join the batch with the leader's cache (take_group)
+
     def accept(self, logits: torch.Tensor) -> None:
         """Pick the next token from this row's last logits, stream its text, maybe finish.
 
         Logits holding NaN or infinities (an adapter's weights overflowing) fail this request
-        alone with :class:`~moa.errors.NonFiniteOutputError`; the engine's other rows go on.
+        alone with :class:`~moa.errors.NonFiniteOutputError`; so does any other error here (a
+        structured-output grammar refusing a token...): the engine's other rows go on.
         """
+        try:
+            self._accept(logits)
+        except Exception as error:  # noqa: BLE001 - this row only; never the engine loop
+            logger.warning("Request %s failed at token %d: %s", self.request_id, len(self.tokens), error)
+            self.fail(error)
+
+    def _accept(self, logits: torch.Tensor) -> None:
         if not bool(torch.isfinite(logits).all()):
             self.fail(NonFiniteOutputError(
                 f"Request {self.request_id}: the model's logits hold NaN or infinite values (routing "
                 f"{self.mixture or 'base'}); an adapter's weights overflow on this input. Reload the adapter "
                 f"from its file or send the request to another adapter."))
             return
+        params = self.request.params
         token = self._pick(logits)
         self.tokens.append(token)
-        params = self.request.params
-        if token in self.engine.eos_ids:
-            self.finish("stop")
+        entry = None
+        if self.logprobs is not None:
+            entry = step_logprob(logits, token, params.logprobs or 0)
+            self.logprobs.append(entry)
+        eos = self.engine.eos_ids
+        if token in eos:
+            self._end("stop", self._text(), entry)
             return
+        if self.guide is not None:
+            self.guide.advance(token)
         text = self._text()
         stop_at = _first_stop(text, params.stop) if len(self.tokens) >= params.min_tokens else None
         if stop_at is not None:
-            self._stream(text[:stop_at], final=True)
-            self.finish("stop", text[:stop_at])
-            return
-        if len(self.tokens) >= params.max_tokens or self.length >= self.engine.max_context:
-            self.finish("length")
-            return
-        self._stream(text, final=False, event_token=token)
+            self._end("stop", text[:stop_at], entry)
+        elif self.guide is not None and self.guide.stopped:
+            self._end("stop", text, entry)
+        elif len(self.tokens) >= params.max_tokens or self.length >= self.engine.max_context:
+            self._end("length", text, entry)
+        else:
+            self._stream(text, final=False, entry=entry)
 
     def _pick(self, logits: torch.Tensor) -> int:
         params = self.request.params
         if len(self.tokens) < params.min_tokens and self.engine.eos_ids:
             logits = logits.clone()
             logits[list(self.engine.eos_ids)] = float("-inf")  # as generate's min_new_tokens
+        if self.guide is not None:
+            logits = self.guide.mask(logits)
         if params.greedy:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / params.temperature, dim=-1).cpu()
@@ -134,39 +207,64 @@ class Row:
         ids = [t for t in self.tokens if t not in self.engine.eos_ids]
         return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
 
-    def _stream(self, text: str, final: bool, event_token: int | None = None) -> None:
-        """Send the text not sent yet, holding back what may still change (a split UTF-8
-        character, the start of a stop string) unless this is the end."""
+    def _stream(self, text: str, final: bool, entry: TokenLogprob | None) -> None:
+        """Send the newest token's event with the text not sent yet, holding back what may still
+        change (a split UTF-8 character, the start of a stop string) unless this is the end."""
         safe = text if final else _stable_prefix(text, self.request.params.stop)
         delta = safe[len(self._sent):] if safe.startswith(self._sent) else ""
-        if delta or event_token is not None:
-            self._sent += delta
-            self.handle.emit(TokenEvent(self.tokens[-1] if event_token is None else event_token, delta))
+        self._sent += delta
+        first = len(self.tokens) == 1
+        self.handle.emit(TokenEvent(self.tokens[-1], delta, entry,
+                                    self.prompt_logprobs if first else None))
+
+    def _end(self, reason: str, text: str, entry: TokenLogprob | None) -> None:
+        """Stream the last token (and the rest of the text), then finish."""
+        self._stream(text, final=True, entry=entry)
+        self.finish(reason, text)
 
     def fail(self, error: Exception) -> None:
-        """End the request with ``error`` (its client gets it; the other rows go on)."""
-        if not self.finished:
-            self.finished = True
-            self.handle.finish(None, error)
+        """End the request with ``error`` (its client gets it; the other rows go on). Followers
+        not yet prefilled fail with it."""
+        for row in self.take_group():
+            if not row.finished:
+                row.finished = True
+                row.handle.finish(None, error)
 
     def finish(self, reason: str, text: str | None = None) -> None:
-        """End the request: flush the text, hand the completion to the client."""
+        """End the request: hand the completion to the client. Cancelling a leader before its
+        prefill cancels its followers."""
         if self.finished:
             return
+        if reason == "cancelled":
+            for row in self.take_group()[1:]:
+                row.finish(reason)
         self.finished = True
-        if text is None:
-            text = self._text()
-            if reason != "cancelled":
-                self._stream(text, final=True)
         completion = Completion(
-            text=text,
+            text=self._text() if text is None else text,
             token_ids=list(self.tokens),
             finish_reason=reason,
             routing=dict(self.mixture),
             prompt_tokens=len(self.request.prompt_ids),
             seconds_queued=self.seconds_queued,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            prompt_logprobs=self.prompt_logprobs,
         )
         self.handle.finish(completion)
+
+
+def eos_ids(model: Any) -> frozenset[int]:
+    """Token ids that end a completion (the generation config's and the tokenizer's EOS)."""
+    ids: set[int] = set()
+    config = getattr(model.base_model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos is not None:
+        ids.update(int(e) for e in eos)
+    tokenizer = model.tokenizer
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -173,13 +173,14 @@ def test_unknown_model_is_404_listing_choices(main_stack):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"model": "sql", "prompt": "x", "n": 2}, "n"),
+    ({"model": "sql", "prompt": "x", "n": 0}, "n"),
+    ({"model": "sql", "prompt": "x", "n": 9}, "n"),  # more than the server's batch (8)
     ({"model": "sql"}, "prompt"),
     ({"model": "sql", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
-    ({"model": "sql", "prompt": ["a", "b"]}, "prompt"),
-    ({"model": "sql", "prompt": "x", "temperature": 3.5}, None),
-    ({"model": "sql", "prompt": "x", "echo": True}, "echo"),
-    ({"model": "sql", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "sql", "prompt": []}, "prompt"),
+    ({"model": "sql", "prompt": [[1, 2], []]}, "prompt"),
+    ({"model": "sql", "prompt": "x", "temperature": 3.5}, "temperature"),
+    ({"model": "sql", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "sql", "prompt": "x", "adapter_weights": {"sql": -1}}, "adapter_weights"),
     ({"model": "sql", "prompt": "x", "adapter_weights": {"sql": 0.0}}, None),
 ])
@@ -198,9 +199,13 @@ def test_invalid_json_and_unknown_fields(main_stack):
     status, _, raw = main_stack.http("POST", "/v1/completions", raw=b"{not json", headers=auth)
     assert status == 400 and "error" in json.loads(raw)
     status, _, raw = main_stack.http("POST", "/v1/completions", {"model": "sql", "prompt": "x", "max_tokens": 1,
-                                                                  "frequency_penalty": 0, "whatever": [1]},
+                                                                  "frequency_penalty": 0, "tools": None},
                                      headers=auth)
-    assert status == 200, raw
+    assert status == 200, raw  # OpenAI's fields at their neutral values, null ones: nothing is asked
+    status, _, raw = main_stack.http("POST", "/v1/completions", {"model": "sql", "prompt": "x", "max_tokens": 1,
+                                                                  "whatever": [1]}, headers=auth)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "whatever" and "whatever" in error["message"]
 
 
 def test_prompt_too_long_is_400(main_stack):

@@ -19,23 +19,54 @@ COMPLETION = Completion(text="hi", token_ids=[1, 2], finish_reason="length", rou
 
 def test_completion_request_defaults_and_sampling_params():
     body = protocol.CompletionRequest.model_validate({"model": "sql", "prompt": "x", "stop": "\n",
-                                                      "unknown_field": 1})
+                                                      "metadata": {"k": "v"}})
     params = body.sampling_params()
     assert (params.max_tokens, params.temperature, params.top_p, params.stop) == (16, 1.0, 1.0, ("\n",))
-    assert body.prompt_text() == "x" and body.prompt_token_ids() is None
+    assert body.prompts() == [protocol.Prompt("x", None)]
     ids = protocol.CompletionRequest.model_validate({"model": "sql", "prompt": [5, 6], "seed": 3})
-    assert ids.prompt_text() is None and ids.prompt_token_ids() == [5, 6]
+    assert ids.prompts() == [protocol.Prompt(None, [5, 6])]
     assert ids.sampling_params().seed == 3
     with pytest.raises(BadRequestError, match="temperature"):
         protocol.CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": 2.5}).sampling_params()
 
 
-@pytest.mark.parametrize("extra", [{"n": 3}, {"prompt": []}, {"prompt": ["a", "b"]}, {"echo": True},
-                                   {"logprobs": 0}, {"best_of": 2}, {"suffix": "end"},
-                                   {"adapter_weights": {"a": float("nan")}}])
+@pytest.mark.parametrize("extra", [{"n": 0}, {"n": 129}, {"prompt": []}, {"prompt": [[1], []]}, {"logprobs": 21},
+                                   {"best_of": 2}, {"suffix": "end"}, {"top_logprobs": 2}, {"unknown_field": 1},
+                                   {"adapter_weights": {"a": float("nan")}},
+                                   {"response_format": {"type": "json_schema"}},
+                                   {"response_format": {"type": "regex", "regex": "a+"}}])
 def test_completion_request_refuses_what_moa_cannot_honour(extra):
     with pytest.raises(ValidationError):
         protocol.CompletionRequest.model_validate({"model": "m", "prompt": "x", **extra})
+
+
+def test_completion_request_prompts_choices_and_logprobs():
+    body = protocol.CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]], "n": 2, "echo": True,
+                                                      "logprobs": 3, "best_of": 1, "frequency_penalty": 0.0})
+    assert body.prompts() == [protocol.Prompt(None, [1, 2]), protocol.Prompt(None, [3])]
+    params = body.sampling_params()
+    assert (params.logprobs, params.prompt_logprobs) == (3, 3)
+    assert protocol.CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).prompts() == [
+        protocol.Prompt("a", None), protocol.Prompt("b", None)]
+    no_echo = protocol.CompletionRequest.model_validate({"model": "m", "prompt": "a", "logprobs": 0}).sampling_params()
+    assert (no_echo.logprobs, no_echo.prompt_logprobs) == (0, None)
+
+
+@pytest.mark.parametrize("extra, field", [({"seed": 2**80}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
+                                          ({"temperature": 5e-324}, "temperature"),
+                                          ({"temperature": 1e-7}, "temperature"),
+                                          ({"temperature": float("nan")}, "temperature"),
+                                          ({"stop": ["x"] * 17}, "stop")])
+def test_values_that_could_only_overflow_are_refused_naming_the_field(extra, field):
+    body = protocol.CompletionRequest.model_validate({"model": "m", "prompt": "x", **extra})
+    with pytest.raises(BadRequestError) as info:
+        body.sampling_params()
+    assert info.value.param == field and field in str(info.value)
+    if field == "temperature" and extra[field] == 5e-324:
+        assert "0 for greedy" in str(info.value) and "float32" in str(info.value)
+    ok = protocol.CompletionRequest.model_validate({"model": "m", "prompt": "x", "seed": 2**63 - 1,
+                                                    "temperature": 1e-4}).sampling_params()
+    assert ok.seed == 2**63 - 1 and ok.for_choice(1).seed == -(2**63) and ok.for_choice(0) is ok
 
 
 def test_chat_request_text_parts_and_max_completion_tokens():
@@ -50,23 +81,49 @@ def test_chat_request_text_parts_and_max_completion_tokens():
         protocol.DEFAULT_CHAT_MAX_TOKENS
     for bad in ({"messages": []}, {"messages": [{"role": "robot", "content": "x"}]},
                 {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
-                {"messages": [{"role": "user", "content": "x"}], "logprobs": True}):
+                {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+                {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True},
+                {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+                {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}):
         with pytest.raises(ValidationError):
             protocol.ChatCompletionRequest.model_validate({"model": "m", **bad})
 
 
+def test_chat_request_logprobs_and_assistant_turns_sent_back():
+    body = protocol.ChatCompletionRequest.model_validate({
+        "model": "m", "logprobs": True, "top_logprobs": 4,
+        "messages": [{"role": "user", "content": "a"},
+                     {"role": "assistant", "content": "b", "tool_calls": None, "refusal": None, "audio": None},
+                     {"role": "user", "content": "c", "name": "ann"}]})
+    assert body.sampling_params().logprobs == 4 and body.sampling_params().prompt_logprobs is None
+    assert body.message_dicts()[1] == {"role": "assistant", "content": "b"}
+    assert body.message_dicts()[2] == {"role": "user", "content": "c", "name": "ann"}
+    plain = protocol.ChatCompletionRequest.model_validate({"model": "m", "logprobs": True,
+                                                          "messages": [{"role": "user", "content": "a"}]})
+    assert plain.sampling_params().logprobs == 0
+
+
 def test_response_builders_have_openai_shape_and_moa_routing():
-    body = protocol.completion_response("cmpl-1", "sql", COMPLETION, created=5)
+    from moa.serve import responses
+    from moa.serve.delivery import Presentation, usage_of
+
+    show = Presentation("completion", n=1, prompt_ids=[[1, 2, 3]], prompt_texts=["abc"])
+    body = responses.response("cmpl-1", "completion", "sql", [show.choice(0, COMPLETION)],
+                              usage_of([COMPLETION], 1), COMPLETION.routing, created=5)
     assert body == {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "sql",
                     "choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "length"}],
                     "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
                     "moa": {"routing": {"sql": 0.75, "code": 0.25}}}
-    chat = protocol.chat_response("chatcmpl-1", "auto", COMPLETION, created=5)
+    echo = Presentation("completion", n=2, prompt_ids=[[1, 2, 3]], prompt_texts=["abc"], echo=True)
+    assert echo.choice(1, COMPLETION)["text"] == "abchi" and echo.prompt_of(1) == 0
+    assert usage_of([COMPLETION, COMPLETION], 2) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    chat = responses.response("chatcmpl-1", "chat", "auto", [Presentation("chat").choice(0, COMPLETION)],
+                              usage_of([COMPLETION], 1), COMPLETION.routing, created=5)
     assert chat["object"] == "chat.completion"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
-    chunk = protocol.chat_chunk("chatcmpl-1", "auto", 5, {}, finish_reason="stop", completion=COMPLETION)
+    chunk = responses.chat_chunk("chatcmpl-1", "auto", 5, {}, finish_reason="stop", routing=COMPLETION.routing)
     assert chunk["object"] == "chat.completion.chunk" and chunk["moa"]["routing"]["sql"] == 0.75
-    assert "moa" not in protocol.completion_chunk("cmpl-1", "sql", 5, "t")
+    assert "moa" not in responses.completion_chunk("cmpl-1", "sql", 5, "t")
     assert protocol.new_request_id("cmpl").startswith("cmpl-")
     assert protocol.error_body("boom", 429, code="overloaded") == {
         "error": {"message": "boom", "type": "rate_limit_exceeded", "param": None, "code": "overloaded"}}
@@ -124,3 +181,14 @@ def test_metrics_registries_are_separate_and_lora_info_has_one_series():
     assert 'moa_requests_total{adapter="mixture",finish_reason="length",model="sql"} 1.0' in text
     assert "moa_requests_total{" not in first.render().decode().replace("# ", "")
     assert adapter_label({}) == "base" and adapter_label({"a": 1.0}) == "a" and adapter_label({"a": 1, "b": 0}) == "a"
+
+
+def test_the_docs_list_every_field_moa_serve_accepts():
+    from pathlib import Path
+
+    from moa.serve.fields import DOCS_PAGE, INERT
+
+    text = (Path(__file__).resolve().parents[2] / DOCS_PAGE).read_text()
+    fields = {*INERT, *protocol.CompletionRequest.model_fields, *protocol.ChatCompletionRequest.model_fields}
+    missing = sorted(name for name in fields if f"`{name}`" not in text)
+    assert not missing, f"{DOCS_PAGE} does not list {missing}"
