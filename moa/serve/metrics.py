@@ -2,7 +2,9 @@
 
 Counters and histograms are updated by the app as requests end; the gauges (queue depth,
 running rows, resident adapters, load seconds, vLLM's ``vllm:lora_requests_info``) are
-refreshed from the engine and the adapter cache at every scrape of ``/metrics``.
+refreshed from the engine and the adapter cache at every scrape of ``/metrics``. Memory:
+Prometheus' standard ``process_resident_memory_bytes`` and ``moa_process_pss_bytes`` (the
+proportional set size, the fair measure when processes share pages).
 
 ``vllm:lora_requests_info`` has vLLM's exact shape, so LoRA-aware gateways (the Gateway
 API inference extension, llm-d) read it as they read vLLM's: labels ``max_lora``,
@@ -17,8 +19,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from moa.serve.process_memory import proportional_set_size_bytes
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServeMetrics"]
 
@@ -78,6 +82,11 @@ class ServeMetrics:
         self.busy = Gauge("moa_engine_busy_seconds", "Seconds the engine loop has spent working (not waiting "
                           "for requests) since start; its rate near 1 means the engine is the bottleneck.",
                           registry=r)
+        # the standard process_* series (resident and virtual memory, CPU seconds, open files) every exporter has
+        ProcessCollector(registry=r)
+        self.pss = Gauge("moa_process_pss_bytes", "Proportional set size of this process: resident memory with "
+                         "shared pages divided among the processes that map them (Linux; NaN elsewhere).", registry=r)
+        self.pss.set_function(proportional_set_size_bytes)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
 
