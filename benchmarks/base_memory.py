@@ -7,7 +7,7 @@ so no double counting) at each phase:
 * ``runtime``: after importing what that variant needs (torch, transformers, moa; NF4 also
   bitsandbytes), before loading;
 * ``peak load``: the highest PSS seen while loading (sampled every 5 ms by a thread);
-* ``loaded``, ``forward`` (16 rows x 64 tokens), ``generate`` (16 rows, 32 new tokens).
+* ``loaded``, ``forward`` (a prefill of 16 rows x 64 tokens), ``generate`` (16 rows, 32 new tokens).
 
 Variants: ``fp32`` (``quantization=None``), ``nf4`` (the default: the pre-quantized copy
 from ``MOA_HOME``, written on first use, see :mod:`moa.model.nf4_cache`), and
@@ -70,7 +70,7 @@ out["peak load"] = max(peak[0], pss())
 out["loaded"] = pss()
 ids = torch.randint(100, 20000, (16, 64), generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
-    model(ids)
+    model(ids, logits_to_keep=1)  # a prefill: the next token's logits only, as generate asks
     out["forward"] = pss()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
                    do_sample=False, pad_token_id=0)
