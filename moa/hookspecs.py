@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import pluggy
 
-from moa.plugin.records import AdapterTypeSpec, MergeStrategySpec, RouterSpec
+from moa.plugin.records import AdapterTypeSpec, InputAdapterTypeSpec, MergeStrategySpec, RouterSpec
 
 PROJECT_NAME = "moa"
 
@@ -42,6 +42,19 @@ def moa_adapter_types() -> list[AdapterTypeSpec]:
         def moa_adapter_types():
             return [AdapterTypeSpec(name="lora", config_class=LoraConfig,
                                     layer_class=LoraLayer, peft_type="LORA")]
+    """
+
+
+@hookspec
+def moa_input_adapter_types() -> list[InputAdapterTypeSpec]:
+    """Return the input-level adapter types this plugin provides (prompt / prefix tuning...).
+
+    Example::
+
+        @hookimpl
+        def moa_input_adapter_types():
+            return [InputAdapterTypeSpec(name="prompt_tuning", config_class=PromptTuningConfig,
+                                         adapter_class=PromptTuningAdapter, peft_type="PROMPT_TUNING")]
     """
 
 
@@ -71,11 +84,13 @@ def moa_merge_strategies() -> list[MergeStrategySpec]:
 
 __all__ = [
     "AdapterTypeSpec",
+    "InputAdapterTypeSpec",
     "MergeStrategySpec",
     "RouterSpec",
     "hookimpl",
     "hookspec",
     "moa_adapter_types",
+    "moa_input_adapter_types",
     "moa_merge_strategies",
     "moa_routers",
 ]

@@ -4,7 +4,8 @@ An adapter type (LoRA built in; IA3, DoRA... from plugins) is registered through
 ``moa_adapter_types`` hook as an :class:`~moa.plugin.records.AdapterTypeSpec` naming
 an :class:`AdapterConfig` subclass and an :class:`AdapterLayer` subclass. The model
 builds one layer per target module. Types that can expose ``(A, B, scale)`` take the
-batched low-rank kernel path; the others implement :meth:`AdapterLayer.delta`.
+batched low-rank kernel path; the others implement :meth:`AdapterLayer.delta`, and may add
+:meth:`AdapterLayer.grouped_delta` to compute all their adapters of one module at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from moa.errors import AdapterConfigError, AdapterShapeError, format_choices
 @dataclasses.dataclass
 class AdapterConfig:
     """Base of adapter configs; fields mirror PEFT's config of the same type.
+
+    A type whose training needs more than gradient descent on its parameters (AdaLoRA's rank
+    allocator) may add a method ``training_extension(*, model, adapter_name, args)``
+    returning a :class:`moa.train.extensions.TrainingExtension` (Trainer callbacks, a loss
+    term); ``moa.train.train_adapter`` picks it up.
 
     Attributes:
         target_modules: Module names or suffixes (``["q_proj", "v_proj"]``), a regex
@@ -115,6 +121,36 @@ def pattern_value(patterns: Mapping[str, Any], module_name: str, default: Any) -
     return default
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupedRows:
+    """The rows one module routes, in one forward, to its adapters of one layer class.
+
+    Rows are the flattened tokens of the batch (``x`` is ``[T, H_in]``). A *pair* is one row
+    and one adapter it uses: a row mixing two adapters of the class gives two pairs, a row
+    without any gives none. Pairs are grouped by adapter, in the order of :attr:`layers`,
+    and keep the rows' order inside a group.
+
+    Attributes:
+        layers: The adapters' layers on this module (all of one class), in slot order.
+        token_index: ``[P]`` int64: the row of ``x`` of each pair.
+        offsets: ``len(layers) + 1`` ints: the pairs of ``layers[i]`` are
+            ``offsets[i]:offsets[i + 1]``.
+    """
+
+    layers: tuple[AdapterLayer, ...]
+    token_index: torch.Tensor
+    offsets: tuple[int, ...]
+
+    @property
+    def num_pairs(self) -> int:
+        """``P``, the number of pairs (rows of what :meth:`AdapterLayer.grouped_delta` returns)."""
+        return self.offsets[-1]
+
+    def span(self, i: int) -> tuple[int, int]:
+        """``(start, end)``: the pairs of ``layers[i]``."""
+        return self.offsets[i], self.offsets[i + 1]
+
+
 class AdapterLayer(nn.Module):
     """One adapter's weights on one target module.
 
@@ -127,6 +163,17 @@ class AdapterLayer(nn.Module):
 
     #: Tensor-name suffixes in PEFT's state dict, e.g. ``("lora_A.weight", "lora_B.weight")``.
     peft_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: Full PEFT names of *adapter-level* tensors: one tensor per adapter, shared by all its
+    #: modules and saved once (VeRA's ``("base_model.vera_A", "base_model.vera_B")``). Empty
+    #: for types whose tensors are all per module. See :meth:`shared_peft_state_dict` and
+    #: :meth:`load_shared_peft_state_dict`.
+    shared_peft_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``True`` when :meth:`low_rank` *computes* its factors from the parameters (AdaLoRA's
+    #: ``E * A``) instead of returning parameters: the model then asks again on every forward,
+    #: so training sees fresh factors in the autograd graph. Such a ``low_rank`` should return
+    #: the same tensor objects while the parameters are unchanged (outside autograd), so the
+    #: kernels' packed buffers are reused at inference.
+    low_rank_is_computed: ClassVar[bool] = False
 
     def __init__(self, config: AdapterConfig, module_name: str, in_features: int, out_features: int):
         super().__init__()
@@ -156,6 +203,30 @@ class AdapterLayer(nn.Module):
             f"an adapter type must provide one of them."
         )
 
+    @classmethod
+    def grouped_delta(cls, x: torch.Tensor, rows: GroupedRows, base_layer: nn.Module) -> torch.Tensor | None:
+        """Optional: :meth:`delta` for all this class's adapters used on one module, in one call.
+
+        For types that compute several adapters together faster than one by one (VeRA's
+        adapters share their random projections). When a class defines it, moa calls it once
+        per module and forward with every pair routed to that class's adapters there, instead
+        of :meth:`delta` once per adapter. It must return what the per-adapter path would
+        give: row ``p`` of the result is ``rows.layers[i].delta(x[rows.token_index[p]])`` for
+        the ``p`` in ``rows.span(i)``. The result is *not* weighted: moa multiplies each pair
+        by its routing weight and adds it to its row, as it does with :meth:`delta`. Return
+        ``None`` to have moa call :meth:`delta` per adapter this time (e.g. while training
+        with dropout). The default (not overridden) is never called.
+
+        Args:
+            x: ``[T, H_in]``, every row of this forward at this module (not only the routed ones).
+            rows: Which rows each adapter gets (:class:`GroupedRows`).
+            base_layer: The wrapped base layer, as for :meth:`delta`.
+
+        Returns:
+            ``[rows.num_pairs, H_out]``, or ``None``.
+        """
+        return None
+
     def dropout_p(self) -> float:
         """Input dropout probability used while training (0 = none)."""
         return 0.0
@@ -171,6 +242,45 @@ class AdapterLayer(nn.Module):
             for suffix, tensor in tensors.items():
                 param = self.get_parameter(suffix)
                 param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+    # -- adapter-level tensors (optional; see ``shared_peft_keys``) -------------------------
+
+    @classmethod
+    def shared_peft_state_dict(
+        cls, config: AdapterConfig, layers: Mapping[str, AdapterLayer]
+    ) -> dict[str, torch.Tensor]:
+        """The adapter-level tensors to save with one adapter, keyed by full PEFT name.
+
+        Called once per saved adapter, beside the per-module :meth:`peft_state_dict` of
+        each layer. Every key must be one of :attr:`shared_peft_keys`. The default saves none.
+
+        Args:
+            config: The adapter's config.
+            layers: Module name -> this adapter's layer on it (all of this class).
+
+        Returns:
+            Full tensor name (e.g. ``"base_model.vera_A"``) -> tensor.
+        """
+        return {}
+
+    @classmethod
+    def load_shared_peft_state_dict(
+        cls, config: AdapterConfig, layers: Mapping[str, AdapterLayer], tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Hand one loaded adapter's adapter-level tensors to its layers.
+
+        Called once per loaded adapter, after every layer got its per-module tensors and
+        before the adapter is installed, with the file's tensors whose names are in
+        :attr:`shared_peft_keys`: possibly fewer, or none, so a type can rebuild missing
+        ones (VeRA regenerates its projections from a seed in the config). Raise a
+        :class:`~moa.errors.MoaError` (``AdapterShapeError``, ``AdapterFormatError``) for
+        tensors it cannot use; nothing is installed then. The default expects none.
+
+        Args:
+            config: The adapter's config, as read from ``adapter_config.json``.
+            layers: Module name -> the adapter's layer on it, per-module tensors loaded.
+            tensors: Full tensor name -> tensor (CPU), as stored in the file.
+        """
 
 
 def check_peft_tensors(layer: AdapterLayer, tensors: Mapping[str, torch.Tensor]) -> None:

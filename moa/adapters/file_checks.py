@@ -117,19 +117,27 @@ def read_json_file(path: Path, error_class: type[MoaError] = AdapterFormatError,
 
 
 def check_config_ranks(config: Mapping[str, Any], max_rank: int, source: str) -> None:
-    """Check ``r`` and every ``rank_pattern`` value of an adapter config against ``max_rank``.
+    """Check ``r``, ``init_r`` and every ``rank_pattern`` value of an adapter config against ``max_rank``.
 
-    Runs before any layer is built, so a hostile ``r`` never allocates anything.
+    Runs before any layer is built, so a hostile ``r`` never allocates anything. A config with
+    ``init_r`` (AdaLoRA's) allocates that rank and leaves ``r`` unused, so ``init_r`` is checked
+    instead; its ``rank_pattern`` values are keep-masks (lists of booleans) over that rank,
+    checked by their length.
 
     Raises:
         AdapterShapeError: a rank above the cap, or one that is not a positive integer.
     """
     ranks: list[tuple[str, Any]] = []
-    if "r" in config:
-        ranks.append(("r", config["r"]))
+    key = "init_r" if "init_r" in config else "r"
+    if key in config:
+        ranks.append((key, config[key]))
     pattern = config.get("rank_pattern") or {}
     if isinstance(pattern, Mapping):
-        ranks += [(f"rank_pattern[{key!r}]", value) for key, value in pattern.items()]
+        for key, value in pattern.items():
+            if isinstance(value, list) and value and all(isinstance(keep, bool) for keep in value):
+                ranks.append((f"len(rank_pattern[{key!r}])", len(value)))
+            else:
+                ranks.append((f"rank_pattern[{key!r}]", value))
     for where, value in ranks:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise AdapterShapeError(f"{source}: field {where} = {str(value)[:40]!r} is not a positive integer "

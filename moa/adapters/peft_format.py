@@ -84,6 +84,28 @@ def split_peft_key(key: str, suffixes: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
+def split_shared_tensors(
+    tensors: Mapping[str, torch.Tensor], shared_keys: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate adapter-level tensors (named exactly as in ``shared_keys``) from per-module ones.
+
+    Adapter-level tensors (VeRA's ``base_model.vera_A``) belong to no module, so they are
+    not split by :func:`split_peft_key`; an adapter type names them in
+    ``AdapterLayer.shared_peft_keys``.
+
+    Args:
+        tensors: Every tensor of an adapter file, by full name.
+        shared_keys: The full names the adapter type declares as adapter-level.
+
+    Returns:
+        ``(shared, per_module)``, each in the order of ``tensors``.
+    """
+    shared_set = set(shared_keys)
+    shared = {key: tensor for key, tensor in tensors.items() if key in shared_set}
+    per_module = {key: tensor for key, tensor in tensors.items() if key not in shared_set}
+    return shared, per_module
+
+
 def is_local_path(text: str) -> bool:
     """Whether ``text`` names a local file system location (absolute, ``~``/``.``-relative, or existing)."""
     return (

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     plugins = sub.add_parser(
         "plugins",
-        help="list plugins: adapter types, routers, merge strategies, and where each came from",
+        help="list plugins: adapter types, input adapter types, routers, merge strategies, and where each came from",
         description="Lists built-in and installed plugins (entry-point group 'moa'), with failures.",
     )
     plugins.set_defaults(func=cmd_plugins)

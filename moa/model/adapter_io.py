@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import moa
 from moa.adapters.base import AdapterConfig, AdapterLayer
 from moa.adapters.file_checks import check_config_ranks
-from moa.adapters.magnitude import check_layer_gains
+from moa.adapters.magnitude import check_gain, check_layer_gains, compute_dtype
 from moa.adapters.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -21,6 +21,7 @@ from moa.adapters.peft_format import (
     portable_base_model_name,
     read_adapter_folder,
     split_peft_key,
+    split_shared_tensors,
     write_adapter_folder,
 )
 from moa.errors import (
@@ -99,8 +100,10 @@ def _build_layers(model: MixtureModel, folder: str | os.PathLike, files: Adapter
     spec = adapter_type_for_config(files.config)
     config = spec.config_class.from_dict(files.config)
     suffixes = spec.layer_class.peft_suffixes
+    # Adapter-level tensors (one per adapter, e.g. VeRA's projections) belong to no module.
+    shared, per_module = split_shared_tensors(files.tensors, spec.layer_class.shared_peft_keys)
     by_module: dict[str, dict[str, object]] = defaultdict(dict)
-    for key, tensor in files.tensors.items():
+    for key, tensor in per_module.items():
         parsed = split_peft_key(key, suffixes)
         if parsed is None:
             raise AdapterFormatError(
@@ -127,6 +130,9 @@ def _build_layers(model: MixtureModel, folder: str | os.PathLike, files: Adapter
         check_layer_gains(layer, {suffix: peft_key(module_name, suffix) for suffix in tensors},
                           repr(str(Path(folder) / WEIGHTS_NAME)))
         layers[module_name] = layer
+    for key, tensor in shared.items():
+        check_gain(key, tensor, repr(str(Path(folder) / WEIGHTS_NAME)), dtype=compute_dtype(tensor))
+    spec.layer_class.load_shared_peft_state_dict(config, layers, shared)
     return config, layers
 
 
@@ -141,6 +147,7 @@ def write_adapter(model: MixtureModel, adapter_name: str, directory: str | os.Pa
         for module_name, layer in layers.items()
         for suffix, tensor in layer.peft_state_dict().items()
     }
+    tensors.update(_shared_tensors(config, layers))
     config_dict = config.to_dict()
     if config_dict.get("target_modules") in ("all-linear", None):
         # PEFT saves "all-linear" expanded, and None as the default modules it resolved to
@@ -157,3 +164,20 @@ def write_adapter(model: MixtureModel, adapter_name: str, directory: str | os.Pa
     }
     moa_metadata = {"moa_version": moa.__version__, "adapter_type": config.adapter_type, "base": base}
     return write_adapter_folder(directory, config_dict, tensors, metadata, moa_metadata)
+
+
+def _shared_tensors(config: AdapterConfig, layers: dict[str, AdapterLayer]) -> dict[str, object]:
+    """The adapter-level tensors its layer class saves (``AdapterLayer.shared_peft_state_dict``)."""
+    layer_classes = {type(layer) for layer in layers.values()}
+    if len(layer_classes) != 1:
+        return {}  # no layers, or layers of several classes: no single class owns adapter-level tensors
+    layer_class = layer_classes.pop()
+    shared = layer_class.shared_peft_state_dict(config, layers)
+    unknown = sorted(set(shared) - set(layer_class.shared_peft_keys))
+    if unknown:
+        raise AdapterFormatError(
+            f"{layer_class.__name__}.shared_peft_state_dict returned tensors {format_choices(unknown)} that are not "
+            f"in its shared_peft_keys {format_choices(layer_class.shared_peft_keys)}; moa could not read them back. "
+            f"List them in shared_peft_keys."
+        )
+    return dict(shared)

@@ -11,7 +11,6 @@ the running calls to finish (:class:`~moa.model.AdapterBank`); ``set_adapter`` a
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -20,34 +19,38 @@ import torch
 from torch import nn
 
 from moa.adapters.base import AdapterConfig, AdapterLayer
+from moa.adapters.input_level import InputAdapterConfig
 from moa.errors import RoutingError
-from moa.model import adapter_io
+from moa.model import adapter_io, input_adapter_io, virtual_inputs
 from moa.model.adapter_bank import DEFAULT_MAX_ADAPTERS, AdapterBank
 from moa.model.call_routing import (
     CallFrame,
     CallPlan,
     adapters_disabled,
     calling,
-    checkpoint_contexts,
     disabling,
 )
 from moa.model.finite_logits import install_logits_check
+from moa.model.input_adapter_set import InputAdapterSet
+from moa.model.input_rows import InputRows, split_input_rows
 from moa.model.limits import check_generation_lengths
 from moa.model.mixture_linear import MixtureLinear
 from moa.model.routing_controller import RoutingController, ask_router
 from moa.model.row_requests import RowRequest, batch_size, plan_call, token_decision_per_row
 from moa.model.targets import linear_features, resolve_target_modules
+from moa.model.trainer_support import TrainerSupport
 from moa.routing.decision import RoutingDecision
 from moa.routing.router import Router
 
-logger = logging.getLogger(__name__)
 
-class MixtureModel(nn.Module):
+class MixtureModel(TrainerSupport, nn.Module):
     """A causal LM whose linear layers carry a bank of adapters, mixed per row or token.
 
     Build with :meth:`from_pretrained`, then use PEFT's verbs (``add_adapter``,
     ``load_adapter``, ``set_adapter``, ``adapter_names=`` per row) or moa's
-    (``adapter_weights=`` per row, ``set_router``, ``"auto"`` rows).
+    (``adapter_weights=`` per row, ``set_router``, ``"auto"`` rows). Input-level adapters
+    (prompt / prefix tuning, from plugins) share every call with the Linear-level ones; see
+    :mod:`moa.model.input_rows` for how a row combines them.
 
     Args:
         base_model: A transformers causal LM (dense or bitsandbytes NF4).
@@ -72,6 +75,8 @@ class MixtureModel(nn.Module):
         self._router: Router | None = None
         self._controller = RoutingController(self.bank, self._default_plan)
         self._logits_check = install_logits_check(self.bank, base_model)
+        self.input_adapters = InputAdapterSet()
+        self._virtual_hook = virtual_inputs.install_virtual_input_hook(self.bank, base_model)
         self.train(base_model.training)  # a base loaded for inference stays in eval mode
 
     @classmethod
@@ -101,13 +106,13 @@ class MixtureModel(nn.Module):
 
     @property
     def adapter_names(self) -> list[str]:
-        """Loaded adapters, in slot order."""
-        return list(self.bank.names)
+        """Loaded adapters: the Linear-level ones in slot order, then the input-level ones."""
+        return [*self.bank.names, *self.input_adapters.names]
 
     @property
-    def peft_config(self) -> dict[str, AdapterConfig]:
-        """Adapter name -> its config (PEFT's attribute)."""
-        return self.bank.configs
+    def peft_config(self) -> dict[str, AdapterConfig | InputAdapterConfig]:
+        """Adapter name -> its config (PEFT's attribute), input-level adapters included."""
+        return {**self.bank.configs, **self.input_adapters.configs}
 
     @property
     def max_rank(self) -> int:
@@ -167,10 +172,16 @@ class MixtureModel(nn.Module):
         """Create a new adapter (initialised by its config) on the modules it targets.
 
         ``target_modules=None`` picks PEFT's default modules for the base's architecture.
+        An :class:`~moa.adapters.input_level.InputAdapterConfig` adds an input-level adapter.
         """
-        from moa.plugin import get_adapter_type
+        from moa.plugin import get_adapter_type, get_input_adapter_type
 
-        self.bank.check_new_name(adapter_name)
+        self._check_new_name(adapter_name)
+        if isinstance(config, InputAdapterConfig):
+            adapter = self.input_adapters.build(get_input_adapter_type(config.adapter_type), config, self.base_model)
+            adapter.initialize(self.base_model, self.tokenizer)
+            self._install_input(adapter_name, adapter, trainable=True)
+            return
         config.validate()
         spec = get_adapter_type(config.adapter_type)
         modules = resolve_target_modules(self.base_model, config.target_modules)
@@ -192,8 +203,11 @@ class MixtureModel(nn.Module):
         """
         from moa.hub.sources import resolve_adapter_folder  # PEFT's habit: a Hub id works too
 
-        self.bank.check_new_name(adapter_name)
+        self._check_new_name(adapter_name)
         folder = resolve_adapter_folder(path_or_repo_id, revision, max_rank=self.max_rank)
+        if (adapter := input_adapter_io.read_input_adapter(self, folder)) is not None:  # an input-level adapter
+            self._install_input(adapter_name, adapter, trainable=is_trainable)
+            return
         config, layers = adapter_io.read_adapter(self, folder)
         self._install(adapter_name, config, layers, trainable=is_trainable)
 
@@ -212,6 +226,9 @@ class MixtureModel(nn.Module):
 
     def save_adapter(self, adapter_name: str, directory: str | os.PathLike) -> None:
         """Write ``adapter_name`` as a PEFT folder (atomically); PEFT loads it as it is."""
+        if adapter_name in self.input_adapters:
+            input_adapter_io.write_input_adapter(self, adapter_name, directory)
+            return
         self.bank.check_known([adapter_name])
         adapter_io.write_adapter(self, adapter_name, directory)
 
@@ -256,14 +273,15 @@ class MixtureModel(nn.Module):
         return push_adapter(self, adapter_name, repo_id, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter and its weights from every layer (waits for running calls)."""
-        self.bank.remove(adapter_name)
+        """Remove an adapter and its weights (a Linear-level one waits for running calls; running calls
+        that use an input-level one keep it until they end)."""
+        (self.input_adapters if adapter_name in self.input_adapters else self.bank).remove(adapter_name)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or several, summed with weight 1 each) the default for every row."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        self.bank.check_known(names)
+        self.bank.check_known([n for n in names if n not in self.input_adapters])
         self.active_adapters = names
 
     @contextlib.contextmanager
@@ -283,62 +301,6 @@ class MixtureModel(nn.Module):
     def adapter_layers(self, adapter_name: str) -> dict[str, AdapterLayer]:
         """Module name -> this adapter's layer on that module."""
         return self.bank.adapter_layers(adapter_name)
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts; 4-bit weights count as their unpacked size."""
-        trainable = total = 0
-        for param in self.parameters():
-            count = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)
-            total += count
-            trainable += count if param.requires_grad else 0
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        """Log the trainable parameter count, like PEFT's method of the same name."""
-        trainable, total = self.get_nb_trainable_parameters()
-        message = (
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / max(total, 1):.4f}"
-        )
-        logger.info(message)
-        print(message)  # noqa: T201 - PEFT's method prints; users call it for this output
-
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> None:
-        """Recompute the base's decoder layers in the backward pass (non-reentrant), as
-        transformers' method of the same name (``Trainer(gradient_checkpointing=True)`` calls it).
-
-        The recomputation runs outside this call, so moa hands it the call's routing frame
-        (:func:`~moa.model.call_routing.checkpoint_contexts`): the recomputed adapters see the
-        same routing, whatever other threads do meanwhile.
-        """
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if kwargs["use_reentrant"]:
-            raise RoutingError(
-                "moa supports non-reentrant checkpointing only (use_reentrant=False): reentrant "
-                "recomputation cannot see the call's routing. Drop use_reentrant=True."
-            )
-        kwargs.setdefault("context_fn", checkpoint_contexts)
-        base = self.base_model
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    def activation_checkpointing_enable(
-        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> None:
-        """transformers >= 5.2x's name of :meth:`gradient_checkpointing_enable` (what its Trainer calls,
-        with ``every_n_layers`` / ``offload`` in ``options``)."""
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **options)
-
-    def gradient_checkpointing_disable(self) -> None:
-        """Turn :meth:`gradient_checkpointing_enable` off."""
-        base = self.base_model
-        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
-
-    activation_checkpointing_disable = gradient_checkpointing_disable
 
     # -- merging (moa.merge) ---------------------------------------------------------------
 
@@ -387,6 +349,7 @@ class MixtureModel(nn.Module):
         self._router = None
         self.bank.unwrap_all()
         self._controller.remove()
+        self._virtual_hook.remove()
         if self._logits_check is not None:
             self._logits_check.remove()
         self.active_adapters = []
@@ -516,9 +479,16 @@ class MixtureModel(nn.Module):
         adapters given to :meth:`set_adapter` apply.
         """
         with self.bank.reading():
+            rows = self._input_rows(input_ids, adapter_names, adapter_weights, router, kwargs, routing_decision)
+            if rows is not None:  # input-level adapters in some rows: the others as Linear-level requests
+                adapter_names, adapter_weights = None, rows.linear
             plan = self._plan(input_ids, adapter_names, adapter_weights, router, kwargs,
                               routing_decision, adapters_from_layer)
-            with calling(CallFrame(self.bank, plan, self.bank.names, check_finite=check_finite)):
+            frame = CallFrame(self.bank, plan, self.bank.names, check_finite=check_finite)
+            if rows is not None:
+                return virtual_inputs.run_forward(self.base_model, frame, rows.virtual, input_ids, attention_mask,
+                                                  kwargs, check_finite)
+            with calling(frame):
                 return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(
@@ -545,8 +515,15 @@ class MixtureModel(nn.Module):
         """
         check_generation_lengths(self.config, input_ids, kwargs)  # before any work starts
         with self.bank.reading():
+            rows = self._input_rows(input_ids, adapter_names, adapter_weights, router, kwargs)
+            if rows is not None:
+                adapter_names, adapter_weights = None, rows.linear
             plan = self._plan(input_ids, adapter_names, adapter_weights, router, kwargs)
-            with calling(CallFrame(self.bank, plan, self.bank.names)):
+            frame = CallFrame(self.bank, plan, self.bank.names)
+            if rows is not None:
+                return virtual_inputs.run_generate(self.base_model, frame, rows.virtual, input_ids, attention_mask,
+                                                   kwargs)
+            with calling(frame):
                 return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- internals -------------------------------------------------------------------------
@@ -554,9 +531,30 @@ class MixtureModel(nn.Module):
     def _install(
         self, name: str, config: AdapterConfig, layers: Mapping[str, AdapterLayer], trainable: bool
     ) -> None:
+        self._check_new_name(name)
         self.bank.install(name, config, layers, trainable)
         if not self.active_adapters:
             self.active_adapters = [name]
+
+    def _install_input(self, name: str, adapter: Any, trainable: bool) -> None:
+        self._check_new_name(name)
+        self.input_adapters.install(name, adapter, self.device, trainable, self.base_model.training)
+        self.active_adapters = self.active_adapters or [name]
+
+    def _check_new_name(self, name: str) -> None:
+        self.bank.check_new_name(name)  # a valid name, free among the Linear-level adapters, below the cap
+        self.input_adapters.check_new_name(name)
+
+    def _input_rows(self, input_ids: torch.Tensor | None, adapter_names: Any, adapter_weights: Any,
+                    router: Router | None, model_kwargs: Mapping[str, Any],
+                    pinned: RoutingDecision | None = None) -> InputRows | None:
+        """The call's rows split into input-level and Linear-level requests (``None``: no input-level row)."""
+        if not len(self.input_adapters) or adapters_disabled(self.bank) or pinned is not None:
+            return None
+        router = router if router is not None else self._router
+        return split_input_rows(self.input_adapters.snapshot(), batch_size(input_ids, model_kwargs),
+                                adapter_names=adapter_names, adapter_weights=adapter_weights,
+                                active_adapters=self.active_adapters, router=router)
 
     def _check_router(self, router: Router | None) -> None:
         if router is None:
@@ -569,7 +567,8 @@ class MixtureModel(nn.Module):
         self._controller.check_router(router)
 
     def _default_plan(self, batch: int) -> CallPlan:
-        active = list(self.active_adapters)
+        # a direct base_model(...) call has no room for virtual positions: Linear-level adapters only
+        active = [name for name in self.active_adapters if name not in self.input_adapters]
         explicit = None
         if active and batch > 0:
             explicit = RoutingDecision.from_mixtures([dict.fromkeys(active, 1.0)] * batch, self.bank.names)
@@ -593,7 +592,7 @@ class MixtureModel(nn.Module):
             adapter_names=adapter_names,
             adapter_weights=adapter_weights,
             router=router if router is not None else self._router,
-            active_adapters=list(self.active_adapters),
+            active_adapters=[name for name in self.active_adapters if name not in self.input_adapters],
             enabled=not adapters_disabled(self.bank),
             routing_decision=routing_decision,
             adapters_from_layer=adapters_from_layer,

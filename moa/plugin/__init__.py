@@ -1,4 +1,4 @@
-"""moa's plugin registry: adapter types, routers and merge strategies from plugins.
+"""moa's plugin registry: adapter types (Linear-level and input-level), routers and merge strategies.
 
 The functions here use one process-wide :class:`MoaPluginManager`, built on first use
 (built-ins first, then every ``moa`` entry point). Call :func:`reset_plugin_manager`
@@ -28,7 +28,7 @@ from moa.plugin.manager import (
     MoaPluginManager,
     MoaPluginWarning,
 )
-from moa.plugin.records import RECORD_TYPES, AdapterTypeSpec, MergeStrategySpec, RouterSpec
+from moa.plugin.records import RECORD_TYPES, AdapterTypeSpec, InputAdapterTypeSpec, MergeStrategySpec, RouterSpec
 from moa.plugin.report import PluginInfo, format_provides, render_plugins_table
 
 _lock = threading.RLock()
@@ -80,6 +80,20 @@ def get_adapter_type(name: str) -> AdapterTypeSpec:
         UnknownPluginError: Listing the registered adapter types.
     """
     return get_plugin_manager().get_adapter_type(name)
+
+
+def get_input_adapter_type(name: str) -> InputAdapterTypeSpec:
+    """The input-level adapter type registered as ``name``, e.g. ``get_input_adapter_type("prompt_tuning")``.
+
+    Raises:
+        UnknownPluginError: Listing the registered input adapter types.
+    """
+    return get_plugin_manager().get_input_adapter_type(name)
+
+
+def input_adapter_type_for_peft_type(peft_type: Any) -> InputAdapterTypeSpec | None:
+    """The input-level adapter type that reads ``peft_type`` (``"PROMPT_TUNING"``, any case), else ``None``."""
+    return get_plugin_manager().input_adapter_type_for_peft_type(peft_type)
 
 
 def adapter_type_for_peft_type(peft_type: str) -> AdapterTypeSpec:
@@ -153,6 +167,7 @@ __all__ = [
     "RECORD_TYPES",
     "STRICT_ENV",
     "AdapterTypeSpec",
+    "InputAdapterTypeSpec",
     "MergeStrategySpec",
     "MoaPluginManager",
     "MoaPluginWarning",
@@ -163,10 +178,12 @@ __all__ = [
     "check_pending",
     "format_provides",
     "get_adapter_type",
+    "get_input_adapter_type",
     "get_merge_strategy",
     "get_plugin_manager",
     "get_router",
     "get_router_spec",
+    "input_adapter_type_for_peft_type",
     "list_plugins",
     "render_plugins_table",
     "reset_plugin_manager",

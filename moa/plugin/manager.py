@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from moa.errors import PluginConflictError, PluginError, UnknownPluginError, format_choices
-from moa.plugin.records import AdapterTypeSpec, MergeStrategySpec, RouterSpec
+from moa.plugin.records import AdapterTypeSpec, InputAdapterTypeSpec, MergeStrategySpec, RouterSpec
 from moa.plugin.report import PluginInfo, PluginSource, distribution_of, moa_version
 from moa.plugin.validation import HOOK_KINDS, check_records, hook_suggestion, unknown_hooks
 
@@ -37,7 +37,9 @@ STRICT_ENV = "MOA_STRICT_PLUGINS"
 DISABLE_ENV = "MOA_DISABLE_PLUGINS"
 
 _LABEL = {"adapter_types": "adapter type", "routers": "router",
-          "merge_strategies": "merge strategy"}
+          "merge_strategies": "merge strategy", "input_adapter_types": "input adapter type"}
+#: The two kinds of adapter types: their names and PEFT types are unique across both.
+_ADAPTER_KINDS = ("adapter_types", "input_adapter_types")
 
 
 class MoaPluginWarning(UserWarning):
@@ -273,13 +275,19 @@ class MoaPluginManager:
 
     def _check_conflicts(self, info: PluginInfo, provided: dict[str, list]) -> None:
         for kind, recs in provided.items():
+            # an adapter folder or config names one type, whichever its kind: names are shared
+            kinds = _ADAPTER_KINDS if kind in _ADAPTER_KINDS else (kind,)
             for rec in recs:
-                if rec.name in self._records[kind]:
-                    owner = self._infos[self._records[kind][rec.name][1]]
-                    raise self._conflict(f"{_LABEL[kind]} {rec.name!r}", owner, info)
+                for other in kinds:
+                    if rec.name in self._records[other]:
+                        owner = self._infos[self._records[other][rec.name][1]]
+                        raise self._conflict(f"{_LABEL[kind]} {rec.name!r}", owner, info)
+                if kind != "adapter_types" and any(r.name == rec.name for r in provided.get("adapter_types", [])):
+                    raise self._conflict(f"{_LABEL[kind]} {rec.name!r}", info, info)
         seen = {spec.peft_type.upper(): (spec, self._infos[owner])
-                for spec, owner in self._records["adapter_types"].values() if spec.peft_type}
-        for rec in provided.get("adapter_types", []):
+                for kind in _ADAPTER_KINDS
+                for spec, owner in self._records[kind].values() if spec.peft_type}
+        for rec in [*provided.get("adapter_types", []), *provided.get("input_adapter_types", [])]:
             if not rec.peft_type:
                 continue
             prev = seen.get(rec.peft_type.upper())
@@ -336,7 +344,7 @@ class MoaPluginManager:
         return list(self._infos.values())
 
     def specs(self, kind: str) -> dict[str, Any]:
-        """Name -> record of one kind: ``adapter_types``, ``routers`` or ``merge_strategies``."""
+        """Name -> record of one kind: ``adapter_types``, ``input_adapter_types``, ``routers``, ``merge_strategies``."""
         if kind not in self._records:
             raise UnknownPluginError(f"Unknown plugin kind {kind!r}. Choices: "
                                      f"{format_choices(self._records)}.")
@@ -391,6 +399,27 @@ class MoaPluginManager:
         """
         return self._lookup("merge_strategies", name)
 
+    def get_input_adapter_type(self, name: str) -> InputAdapterTypeSpec:
+        """The input-level adapter type registered as ``name`` (e.g. ``"prompt_tuning"``).
+
+        Raises:
+            UnknownPluginError: Listing the registered input adapter types.
+        """
+        return self._lookup("input_adapter_types", name)
+
+    def input_adapter_type_for_peft_type(self, peft_type: Any) -> InputAdapterTypeSpec | None:
+        """The input-level adapter type that reads ``peft_type`` (any case), or ``None`` if none does.
+
+        ``None`` means the folder is not an input-level adapter (or its plugin is missing):
+        moa then reads it as a Linear-level adapter, which names the PEFT types it knows.
+        """
+        if not isinstance(peft_type, str):
+            return None
+        for spec in self.specs("input_adapter_types").values():
+            if spec.peft_type and spec.peft_type.upper() == peft_type.upper():
+                return spec
+        return None
+
     def adapter_type_for_peft_type(self, peft_type: str) -> AdapterTypeSpec:
         """The adapter type that reads ``peft_type`` (from ``adapter_config.json``), any case.
 
@@ -402,11 +431,13 @@ class MoaPluginManager:
         key = peft_type.upper() if isinstance(peft_type, str) else None
         if key in known:
             return known[key]
+        known.update({spec.peft_type.upper(): spec
+                      for spec in self.specs("input_adapter_types").values() if spec.peft_type})
         choices = ", ".join(f"{p} ({s.name})" for p, s in sorted(known.items())) or "(none)"
         raise UnknownPluginError(
             f"No adapter type reads peft_type {peft_type!r}. Known PEFT types: {choices}. "
-            f"Other adapter types (DoRA, IA3, VeRA...) come from plugins: install one that "
-            f"provides it, then check 'moa plugins'.")
+            f"Other adapter types (DoRA, IA3, VeRA, prompt tuning...) come from plugins: install one "
+            f"that provides it, then check 'moa plugins'.")
 
     def adapter_type_for_config(self, config: Mapping[str, Any]) -> AdapterTypeSpec:
         """The adapter type that reads this ``adapter_config.json`` dict.

@@ -28,6 +28,30 @@ class AdapterTypeSpec:
 
 
 @dataclass(frozen=True)
+class InputAdapterTypeSpec:
+    """An input-level adapter type (prompt tuning, prefix tuning...) a plugin provides.
+
+    Input-level adapters put something before a row's tokens (virtual token embeddings, or
+    per-layer prefix keys and values) instead of changing a Linear layer; see
+    :mod:`moa.adapters.input_level`.
+
+    Attributes:
+        name: Registry name, e.g. ``"prompt_tuning"``; what ``moa.plugin.get_input_adapter_type`` looks up.
+        config_class: A :class:`moa.adapters.input_level.InputAdapterConfig` subclass.
+        adapter_class: A :class:`moa.adapters.input_level.InputAdapter` subclass, built once per adapter.
+        peft_type: The ``peft_type`` in ``adapter_config.json`` this type reads and writes
+            (``"PROMPT_TUNING"``), unique across adapter types of both kinds.
+        description: One line for ``moa plugins``.
+    """
+
+    name: str
+    config_class: type
+    adapter_class: type
+    peft_type: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     """A router a plugin provides.
 
@@ -62,4 +86,5 @@ RECORD_TYPES: dict[str, type] = {
     "moa_adapter_types": AdapterTypeSpec,
     "moa_routers": RouterSpec,
     "moa_merge_strategies": MergeStrategySpec,
+    "moa_input_adapter_types": InputAdapterTypeSpec,
 }

@@ -16,6 +16,7 @@ PluginStatus = Literal["loaded", "failed", "blocked"]
 #: Kind keys of :attr:`PluginInfo.provides`, in display order, with their labels.
 KIND_LABELS: dict[str, str] = {
     "adapter_types": "adapter types",
+    "input_adapter_types": "input adapter types",
     "routers": "routers",
     "merge_strategies": "merge strategies",
 }
@@ -37,7 +38,7 @@ class PluginInfo:
         status: ``"loaded"``, ``"failed"`` (skipped, see ``error``) or ``"blocked"``
             (named in ``MOA_DISABLE_PLUGINS``, never imported).
         error: Why it failed (exception type and message), else ``None``.
-        provides: Kind (``"adapter_types"``, ``"routers"``, ``"merge_strategies"``) ->
+        provides: Kind (``"adapter_types"``, ``"input_adapter_types"``, ``"routers"``, ``"merge_strategies"``) ->
             the names it registers; only kinds it provides at least one of.
     """
 

@@ -8,13 +8,14 @@ from typing import Any
 import pluggy
 
 from moa.errors import PluginError
-from moa.plugin.records import RECORD_TYPES, AdapterTypeSpec, MergeStrategySpec, RouterSpec
+from moa.plugin.records import RECORD_TYPES, AdapterTypeSpec, InputAdapterTypeSpec, MergeStrategySpec, RouterSpec
 
 #: Hook name -> kind key (as in :attr:`PluginInfo.provides` and :meth:`MoaPluginManager.specs`).
 HOOK_KINDS: dict[str, str] = {
     "moa_adapter_types": "adapter_types",
     "moa_routers": "routers",
     "moa_merge_strategies": "merge_strategies",
+    "moa_input_adapter_types": "input_adapter_types",
 }
 
 
@@ -90,6 +91,15 @@ def record_problem(rec: Any) -> str | None:
         for attr in ("config_class", "layer_class"):
             if not isinstance(getattr(rec, attr), type):
                 return f"{attr} {getattr(rec, attr)!r} is not a class"
+        if rec.peft_type is not None and (not isinstance(rec.peft_type, str) or not rec.peft_type):
+            return f"peft_type {rec.peft_type!r} is not a non-empty string or None"
+    elif isinstance(rec, InputAdapterTypeSpec):
+        from moa.adapters.input_level import InputAdapter, InputAdapterConfig
+
+        for attr, base in (("config_class", InputAdapterConfig), ("adapter_class", InputAdapter)):
+            value = getattr(rec, attr)
+            if not (isinstance(value, type) and issubclass(value, base)):
+                return f"{attr} {value!r} is not a {base.__module__}.{base.__name__} subclass"
         if rec.peft_type is not None and (not isinstance(rec.peft_type, str) or not rec.peft_type):
             return f"peft_type {rec.peft_type!r} is not a non-empty string or None"
     elif isinstance(rec, MergeStrategySpec) and not callable(rec.function):

@@ -6,7 +6,8 @@
   (moa deliberately registers no ``pytest11`` entry point: installing moa must not add
   fixtures to every pytest run in the environment).
 * :mod:`moa.testing.contract`: :class:`AdapterTypeContract` and :class:`RouterContract`,
-  suites every adapter type or router must pass; subclass one in a ``Test...`` class.
+  suites every adapter type or router must pass, and :class:`PluginInstallContract`, what
+  an installed plugin package must show; subclass one in a ``Test...`` class.
 
 Example::
 
@@ -19,7 +20,7 @@ Example::
 This package imports pytest; import it from tests only.
 """
 
-from moa.testing.contract import AdapterTypeContract, RouterContract
+from moa.testing.contract import AdapterTypeContract, PluginInstallContract, RouterContract
 from moa.testing.fixtures import (
     TINY_CONFIG,
     fresh_plugin_manager,
@@ -35,6 +36,7 @@ from moa.testing.fixtures import (
 __all__ = [
     "TINY_CONFIG",
     "AdapterTypeContract",
+    "PluginInstallContract",
     "RouterContract",
     "fresh_plugin_manager",
     "load_tiny_base",

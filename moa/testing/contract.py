@@ -1,9 +1,9 @@
-"""Contract test suites every adapter type and router must pass.
+"""Contract test suites every adapter type, router and plugin package must pass.
 
 Subclass a contract in a test module (name it ``Test...``) and say what is under test;
 pytest then runs every ``test_*`` method of the contract against it::
 
-    from moa.testing import AdapterTypeContract, RouterContract
+    from moa.testing import AdapterTypeContract, PluginInstallContract, RouterContract
 
     class TestIA3Contract(AdapterTypeContract):
         adapter_type = "ia3"
@@ -18,6 +18,12 @@ pytest then runs every ``test_*`` method of the contract against it::
         def router(self):
             return KeywordRouter([(r"sql", {"alpha": 1.0})], default={"beta": 1.0})
 
+    class TestInstalled(PluginInstallContract):
+        distribution = "moa-ia3"
+        entry_point = "ia3"
+        plugin_module = "moa_ia3.plugin"
+        provides = {"adapter_types": ("ia3",)}
+
 The contracts bring their own fixtures (a tiny random base saved once per class, a
 model with a tokenizer), so they need no conftest. The type or router must be
 registered in the process-wide plugin registry (an installed entry point, or
@@ -26,7 +32,17 @@ registered in the process-wide plugin registry (an installed entry point, or
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.metadata
+import io
+import json
 import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,7 +51,13 @@ import pytest
 import torch
 
 from moa.errors import MoaError
-from moa.testing.fixtures import load_tiny_base, make_tiny_model, random_input_ids, save_tiny_base
+from moa.testing.fixtures import (
+    fresh_plugin_manager,
+    load_tiny_base,
+    make_tiny_model,
+    random_input_ids,
+    save_tiny_base,
+)
 
 
 class AdapterTypeContract:
@@ -345,3 +367,82 @@ class RouterContract:
 
 
 __all__ = ["AdapterTypeContract", "RouterContract"]
+
+
+class PluginInstallContract:
+    """What an installed plugin package must show; subclass it and name the package.
+
+    Checks the three ways a user meets the package: its ``moa`` entry point in the
+    distribution's metadata (not requiring ``moa``, so installing it never makes pip look
+    for moa on an index), its row in ``moa plugins``, and discovery in a fresh Python
+    process, where every name it provides must resolve (adapter types also by their
+    ``peft_type``, as PEFT folders are routed).
+
+    Attributes:
+        distribution: The pip distribution name, e.g. ``"moa-ia3"``.
+        entry_point: The entry point's name in the ``moa`` group, e.g. ``"ia3"``.
+        plugin_module: The entry point's value, e.g. ``"moa_ia3.plugin"``.
+        provides: Kind -> names, as ``moa plugins`` lists them, e.g.
+            ``{"adapter_types": ("ia3",)}`` (kinds: ``adapter_types``, ``input_adapter_types``,
+            ``routers``, ``merge_strategies``).
+    """
+
+    distribution: ClassVar[str] = ""
+    entry_point: ClassVar[str] = ""
+    plugin_module: ClassVar[str] = ""
+    provides: ClassVar[Mapping[str, Sequence[str]]] = {}
+
+    def _plugin_version(self) -> str:
+        package = importlib.import_module(self.plugin_module.split(".")[0])
+        return str(package.__version__)
+
+    def test_entry_point_metadata_names_the_plugin_module(self) -> None:
+        dist = importlib.metadata.distribution(self.distribution)
+        eps = [ep for ep in dist.entry_points if ep.group == "moa"]
+        assert [(ep.name, ep.value) for ep in eps] == [(self.entry_point, self.plugin_module)]
+        assert dist.version == self._plugin_version()
+        requires = [re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0].lower() for r in dist.requires or []]
+        assert "moa" not in requires  # installing the plugin never makes pip look for moa on an index
+
+    def test_moa_plugins_lists_it(self) -> None:
+        from moa.cli import main
+        from moa.plugin.report import format_provides
+
+        out = io.StringIO()
+        with fresh_plugin_manager(), contextlib.redirect_stdout(out):
+            assert main(["plugins"]) == 0
+        row = next(line for line in out.getvalue().splitlines() if line.startswith(f"{self.entry_point} "))
+        assert row.split()[:5] == [self.entry_point, self.distribution, self._plugin_version(), "entry", "point"]
+        assert row.rstrip().endswith(format_provides(self.provides))
+
+    def test_fresh_process_discovers_what_it_provides(self) -> None:
+        code = textwrap.dedent("""
+            import json, sys
+            import moa.plugin as plugin
+            wanted = json.loads(sys.argv[1])
+            info = {i.name: i for i in plugin.list_plugins()}[wanted["entry_point"]]
+            found = {kind: list(names) for kind, names in info.provides.items()}
+            resolved = {
+                "adapter_types": [plugin.get_adapter_type(n).name for n in wanted["provides"].get("adapter_types", [])],
+                "by_peft_type": [[spec.name, plugin.adapter_type_for_config({"peft_type": spec.peft_type}).name]
+                                 for spec in map(plugin.get_adapter_type, wanted["provides"].get("adapter_types", []))
+                                 if spec.peft_type],  # a variant of another type (DoRA is LORA) has none
+                "input_adapter_types": [plugin.get_input_adapter_type(n).name
+                                        for n in wanted["provides"].get("input_adapter_types", [])],
+                "routers": [plugin.get_router_spec(n).name for n in wanted["provides"].get("routers", [])],
+            }
+            print(json.dumps([info.distribution, info.version, info.source, found, resolved]))
+        """)
+        wanted = {"entry_point": self.entry_point, "provides": {k: list(v) for k, v in self.provides.items()}}
+        env = {k: v for k, v in os.environ.items() if k != "MOA_DISABLE_PLUGINS"}
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(wanted)], check=False, capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        distribution, version, source, found, resolved = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert [distribution, version, source] == [self.distribution, self._plugin_version(), "entry point"]
+        assert found == wanted["provides"]
+        adapter_types = wanted["provides"].get("adapter_types", [])
+        assert all(name == found_by_peft_type for name, found_by_peft_type in resolved["by_peft_type"])
+        assert resolved == {"adapter_types": adapter_types, "by_peft_type": resolved["by_peft_type"],
+                            "input_adapter_types": wanted["provides"].get("input_adapter_types", []),
+                            "routers": wanted["provides"].get("routers", [])}

@@ -35,6 +35,7 @@ import torch
 
 from moa.atomic import atomic_write_bytes
 from moa.data.chat import encode_sft_example, ensure_pad_token, pad_batch
+from moa.train.extensions import adapter_training_extension
 from moa.train.trainer import (
     MixtureTrainer,
     OrderedDataset,
@@ -270,12 +271,16 @@ def train_adapter(
         order = unrolled_order(len(encoded), config.steps * config.gradient_accumulation_steps
                                * config.batch_size * world, config.seed)
         items = [{"input_ids": ids, "labels": labels} for ids, labels in encoded]
+        # callbacks and a loss term the adapter's type may need (AdaLoRA's rank allocator)
+        extension = adapter_training_extension(model, adapter_name, args)
         trainer = MixtureTrainer(
             model=model, args=args, train_dataset=OrderedDataset(items, order),
             data_collator=_collator(tokenizer.pad_token_id), lr_lambda=lr_lambda(config),
             forward_kwargs=lambda batch: {"adapter_names": [adapter_name] * len(batch["input_ids"]),
                                           "use_cache": False},
-            save_hook=lambda path: model.save_adapter(adapter_name, path), callbacks=list(callbacks))
+            save_hook=lambda path: model.save_adapter(adapter_name, path),
+            callbacks=[*callbacks, *extension.callbacks],
+            loss_terms=[extension.loss_term] if extension.loss_term is not None else [])
         start_from = (last_checkpoint(folder) if resume is True else str(resume)) if resume else None
         if resume and start_from is None:
             logger.warning("No checkpoint in %s: training from the start.", folder)

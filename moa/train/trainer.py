@@ -162,6 +162,9 @@ class MixtureTrainer(TrainableCheckpoints, Trainer):
         forward_kwargs: Batch -> extra keyword arguments of the model's forward.
         save_hook: Called with each checkpoint folder on the main process (e.g. to write the
             adapter's PEFT folder there).
+        loss_terms: Callables returning scalar tensors added to the training loss, each
+            counted once per optimizer step (an adapter type's
+            :class:`~moa.train.extensions.TrainingExtension`).
         **kwargs: As for ``Trainer``.
     """
 
@@ -171,12 +174,14 @@ class MixtureTrainer(TrainableCheckpoints, Trainer):
         lr_lambda: Callable[[int], float] | None = None,
         forward_kwargs: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         save_hook: Callable[[Path], None] | None = None,
+        loss_terms: Sequence[Callable[[], torch.Tensor]] = (),
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.lr_lambda = lr_lambda
         self.forward_kwargs = forward_kwargs
         self.save_hook = save_hook
+        self.loss_terms = list(loss_terms)
         self.step_losses: list[float] = []
         self.pending_loss = torch.zeros(())
         self.add_callback(_StepLoss(self))
@@ -196,11 +201,26 @@ class MixtureTrainer(TrainableCheckpoints, Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Trainer's loss, with :attr:`forward_kwargs` added to the model's inputs."""
+        """Trainer's loss, with :attr:`forward_kwargs` added to the inputs and :attr:`loss_terms` to the loss."""
         if self.forward_kwargs is not None:
             inputs = {**inputs, **self.forward_kwargs(inputs)}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not self.loss_terms or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        extra = sum(term() for term in self.loss_terms)
+        # Trainer divides a micro-batch's loss by the accumulation steps itself unless the loss
+        # is already normalised over the whole accumulated batch (num_items_in_batch); either
+        # way each term must count once per optimizer step.
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:  # Trainer's own rule (transformers.Trainer.training_step)
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None)
+        if scaled:
+            extra = extra / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        loss = loss + extra.to(loss.device, loss.dtype)
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Trainer's step; the micro-batch's share of the step loss is kept for :attr:`step_losses`."""

@@ -43,7 +43,7 @@ def runnable_blocks() -> list[str]:
 
 
 def test_hooks_are_found():
-    assert hook_names() == ["moa_adapter_types", "moa_merge_strategies", "moa_routers"]
+    assert hook_names() == ["moa_adapter_types", "moa_input_adapter_types", "moa_merge_strategies", "moa_routers"]
 
 
 @pytest.mark.parametrize("name", hook_names())

@@ -139,7 +139,7 @@ def test_misspelled_hook_is_caught_and_plugin_skipped(make_dist, fresh_manager, 
     assert "typoplug 0.1" in message
     assert "implements an unknown hook" in message
     assert "'moa_router'" in message and "did you mean 'moa_routers'" in message
-    assert "moa_adapter_types, moa_merge_strategies, moa_routers" in message
+    assert "moa_adapter_types, moa_input_adapter_types, moa_merge_strategies, moa_routers" in message
     assert not pm.pluggy_manager.has_plugin("typo")
     pm.check_pending()  # nothing pending is left behind
     with pytest.raises(UnknownPluginError):
@@ -179,7 +179,7 @@ def test_check_pending_names_plugin_hook_and_valid_hooks(fresh_manager):
     message = str(exc.value)
     assert "'bad_direct'" in message
     assert "'moa_merge_strategy' (did you mean 'moa_merge_strategies'?)" in message
-    assert "Valid hooks: moa_adapter_types, moa_merge_strategies, moa_routers" in message
+    assert "Valid hooks: moa_adapter_types, moa_input_adapter_types, moa_merge_strategies, moa_routers" in message
 
 
 def test_plugin_looking_up_plugins_at_import_gets_a_clear_error(make_dist, warning_log):
