@@ -9,6 +9,11 @@ pulls (:func:`moa.hub.pull.resolve_adapter_folder`, :func:`moa.hub.pull.pull_reg
 and every change to the model runs on the engine thread (:meth:`Engine.call`), between
 two decoding steps.
 
+Adapters of every kind are served the same way: Linear-level ones (LoRA, ...) and input-level
+ones (prompt / prefix tuning: a PEFT ``PROMPT_TUNING`` / ``PREFIX_TUNING`` folder, read by the
+type registered for its ``peft_type``) load, count towards ``max_loras``, are evicted and
+unloaded alike.
+
 Stale weights: the cache never keeps weights, only sources. A resident adapter is identified
 by its :class:`ResidentAdapter` record (name + resolved folder + load time); a reload (an
 evicted adapter coming back, or ``load`` of a resident name with a new source) reads the
@@ -89,6 +94,20 @@ def resolve_source(source: str, *, max_rank: int | None = None) -> Path:
     if path.exists() or source.startswith((".", "/", "~")):
         return resolve_adapter_folder(path, max_rank=max_rank)  # raises its "not a folder" error
     return pull_registered(source, max_rank=max_rank)
+
+
+def install_input_adapter(model: Any, name: str, adapter: Any) -> None:
+    """Add a built input-level adapter to ``model`` as ``name``, not trainable (engine thread).
+
+    The name is checked as ``model.load_adapter`` checks it (free among every adapter, valid,
+    under the model's cap) before the model changes.
+
+    Raises:
+        AdapterExistsError, AdapterNameError, InputLimitError: as ``model.load_adapter``.
+    """
+    model.bank.check_new_name(name)
+    model.input_adapters.check_new_name(name)
+    model.input_adapters.install(name, adapter, model.device, trainable=False, training=model.base_model.training)
 
 
 class AdapterCache:
@@ -313,13 +332,15 @@ class AdapterCache:
 
     def _load_locked(self, name: str, source: str, *, startup: bool) -> ResidentAdapter:
         """Load or replace ``name``; the caller holds ``self._changing``."""
-        from moa.model import adapter_io
+        from moa.model import adapter_io, input_adapter_io
 
         started = time.perf_counter()
         folder = resolve_source(source, max_rank=getattr(self.model, "max_rank", None))
         # Read and check everything off the engine thread: decoding goes on meanwhile, and a bad
         # adapter raises here, before anything in the model changes.
-        config, layers = adapter_io.read_adapter(self.model, folder)
+        built = input_adapter_io.read_input_adapter(self.model, folder)  # None: a Linear-level adapter
+        if built is None:
+            config, layers = adapter_io.read_adapter(self.model, folder)
         replacing = name in self._resident
         if replacing:
             self._check_free(name, "replace")  # fail fast; checked again on the engine thread
@@ -331,7 +352,10 @@ class AdapterCache:
                 self.model.delete_adapter(name)
             else:
                 evicted = self._make_room()
-            self.model.install_adapter(name, config, layers)
+            if built is not None:
+                install_input_adapter(self.model, name, built)
+            else:
+                self.model.install_adapter(name, config, layers)
             return evicted
 
         try:

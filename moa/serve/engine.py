@@ -20,6 +20,11 @@ the longest. Each step:
    cost the running rows a forward of its own (``mixed_steps=False``: they are prefilled
    first, packed, as in 3).
 
+Requests naming input-level adapters (prompt / prefix tuning) get their virtual positions
+before the prompt, as ``model.generate`` gives them (:mod:`moa.serve.virtual_rows`); prompt-tuning
+requests are packed and mixed like any other, prefix-tuning ones are prefilled alone (then
+decoded in the shared batch).
+
 ``deterministic=True`` prefills and decodes each row alone instead (batch 1, its own cache): every
 answer is then bit-identical to ``model.generate`` of that request alone, whatever else
 is running, at the cost of batching (measured in ``benchmarks/serve_load.py``).
@@ -38,8 +43,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from moa.errors import MoaError
-from moa.serve import mixed_step, packing
+from moa.serve import mixed_step, packing, virtual_rows
 from moa.serve.batch_cache import BatchCache, cache_argument, layer_tensors, new_cache, prefill_inputs
 from moa.serve.handle import RequestHandle
 from moa.serve.openmp import release_idle_openmp_threads
@@ -170,6 +174,7 @@ class Engine:
             BadRequestError: Empty or too long prompt, "auto" without a router, more choices
                 than ``max_batch_size``.
             UnknownModelError: An adapter that is not loaded.
+            RoutingError: A mixture of input-level adapters the model refuses.
             OverloadedError: The queue is full.
         """
         self._check_alive()
@@ -180,17 +185,20 @@ class Engine:
         prompt_len = len(request.prompt_ids)
         if prompt_len == 0:
             raise BadRequestError("The prompt is empty; give at least one token.")
-        if prompt_len > self.max_prompt_tokens or prompt_len + request.params.max_tokens > self.max_context:
-            raise BadRequestError(
-                f"The prompt has {prompt_len} tokens and asks for {request.params.max_tokens} more; this "
-                f"server takes prompts up to {self.max_prompt_tokens} tokens and {self.max_context} in all. "
-                f"Shorten the prompt or lower max_tokens."
-            )
         loaded = set(self.model.adapter_names)
         missing = [name for name in request.routing.adapters() if name not in loaded]
         if missing:
             raise UnknownModelError(
                 f"Adapter {missing[0]!r} is not loaded. Loaded: {', '.join(sorted(loaded)) or 'none'}."
+            )
+        inputs = virtual_rows.split_row(self.model, request.routing.mixture)
+        used = prompt_len + inputs.offset  # virtual positions count towards the context
+        if prompt_len > self.max_prompt_tokens or used + request.params.max_tokens > self.max_context:
+            virtual = f" (and {inputs.offset} virtual positions of its adapter)" if inputs.offset else ""
+            raise BadRequestError(
+                f"The prompt has {prompt_len} tokens{virtual} and asks for {request.params.max_tokens} more; this "
+                f"server takes prompts up to {self.max_prompt_tokens} tokens and {self.max_context} in all. "
+                f"Shorten the prompt or lower max_tokens."
             )
         if request.routing.auto and self.model.router is None:
             raise BadRequestError("This request asks the router ('auto'), but the server runs without one.")
@@ -200,6 +208,8 @@ class Engine:
             loop = None
         now = time.perf_counter()
         rows = [Row(r, RequestHandle(r, loop), self, now) for r in requests]
+        for row in rows:
+            row.use_inputs(inputs)
         with self._cond:
             if len(self._waiting) + (len(rows) if self.deterministic else 1) > self.max_queue:
                 raise OverloadedError(
@@ -341,7 +351,7 @@ class Engine:
         tokens = width = 0
         limit = 1 if self.deterministic else free
         while self._waiting and width + self._waiting[0].width <= limit:
-            size = len(self._waiting[0].request.prompt_ids)
+            size = len(self._waiting[0].request.prompt_ids) + self._waiting[0].offset
             if rows and tokens + size > self.max_prefill_tokens:
                 break
             rows.append(self._waiting.popleft())
@@ -353,8 +363,8 @@ class Engine:
 
         Returns, per row, its KV cache (the row's own ``DynamicCache`` in deterministic mode,
         else its per-layer keys/values), or ``None`` for a row that was cancelled or failed.
-        Several rows are prefilled in one packed forward; if that forward fails, each row is
-        retried alone, so one bad request never fails the others.
+        Several rows are prefilled in one packed forward (a prefix-tuning row alone); if that
+        forward fails, each row is retried alone, so one bad request never fails the others.
         """
         return self._prefill_started(rows, self._start(rows))
 
@@ -377,12 +387,13 @@ class Engine:
     def _prefill_started(self, rows: list[Row], live: list[Row]) -> list[Any]:
         """:meth:`_prefill` of ``rows`` once :meth:`_start` gave the ``live`` ones."""
         caches: dict[int, Any] = {}
-        if len(live) > 1:
+        packed = [row for row in live if row.packable]
+        if len(packed) > 1:
             try:
-                caches = dict(zip(map(id, live), self._prefill_packed(live), strict=True))
+                caches = dict(zip(map(id, packed), self._prefill_packed(packed), strict=True))
             except Exception as error:  # noqa: BLE001 - retried one by one below
                 logger.warning("A packed prefill of %d requests failed (%s); prefilling them one by one.",
-                               len(live), error)
+                               len(packed), error)
         for row in live:
             if id(row) in caches or row.finished:
                 continue
@@ -410,8 +421,8 @@ class Engine:
     def _prefill_alone(self, row: Row) -> Any:
         """The ops of ``model.generate``'s prefill on this request alone; returns its cache."""
         model = self.model
-        inputs = prefill_inputs(row.request.prompt_ids, model.device)
         cache = new_cache(model)
+        inputs = virtual_rows.prefill_alone_inputs(model, row.request.prompt_ids, row.virtual, cache)
         out = model(**inputs, **{self._cache_key: cache}, use_cache=True, logits_to_keep=row.prompt_logits,
                     check_finite=False, **row.routing_kwargs(model))
         self.prefill_forwards += 1
@@ -422,12 +433,13 @@ class Engine:
     def _prefill_packed(self, rows: list[Row]) -> list[Any]:
         """One forward over the rows' prompts packed end to end (:mod:`moa.serve.packing`)."""
         model = self.model
-        prompts = [row.request.prompt_ids for row in rows]
+        prompts = [row.prefill_ids for row in rows]  # virtual embeddings' slots, then the prompt
         lengths = [len(p) for p in prompts]
         inputs = packing.packed_inputs(prompts, model.device, model.base_model.dtype,
                                        [row.prompt_logits for row in rows])
-        routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
-                                         lengths, model.adapter_names)
+        inputs = virtual_rows.embed_segments(model, inputs, [row.virtual for row in rows], lengths)
+        routing = packing.packed_routing([row.linear for row in rows], [row.from_layer for row in rows],
+                                         lengths, model.bank.names)
         cache = new_cache(model)
         # Checked: a NaN in one packed prompt reaches the others through attention's masked
         # products (0 * NaN), so non-finite logits fail the packing and each prompt runs alone.
@@ -455,13 +467,14 @@ class Engine:
         """
         rows = self._pop_waiting()
         live = self._start(rows) if rows else []
-        if not live:
-            self._join(rows, [None] * len(rows))
+        mixed = [row for row in live if row.packable]  # prefix-tuning rows are prefilled alone
+        if not mixed:
+            self._join(rows, self._prefill_started(rows, live) if live else [None] * len(rows))
             self._decode()
             return
         running = list(self._running)
         try:
-            logits, prompt_kv = self._mixed_forward(running, live)
+            logits, prompt_kv = self._mixed_forward(running, mixed)
         except Exception as error:  # noqa: BLE001 - the new requests are prefilled the other way
             logger.warning("A mixed decode + prefill step failed (%s); prefilling the %d new requests on "
                            "their own.", error, len(live))
@@ -470,40 +483,24 @@ class Engine:
             return
         for i, row in enumerate(running):
             row.accept(logits[i])
-        self._accept_first_tokens(live, logits[len(running):])
+        self._accept_first_tokens(mixed, logits[len(running):])
         self._remove([i for i, row in enumerate(running) if row.finished])
-        by_row = dict(zip(map(id, live), prompt_kv, strict=True))
+        alone = [row for row in live if not row.packable]
+        by_row = dict(zip(map(id, mixed), prompt_kv, strict=True))
+        by_row.update(zip(map(id, alone), self._prefill_started(alone, alone), strict=True))
         self._join(rows, [by_row.get(id(row)) for row in rows])
 
     def _mixed_forward(self, running: list[Row], live: list[Row]) -> tuple[torch.Tensor, list[Any]]:
         """The mixed step's forward: per kept position its logits (running rows, then new
         prompts), and each new prompt's keys/values. The batch cache grows by one column."""
-        model = self.model
-        if not mixed_step.supports(model):  # someone switched the base's attention under us
-            raise MoaError("The base's attention is no longer moa's; mixed steps are off for this step.")
         batch = self._batch
         assert batch is not None
-        before = batch.snapshot()
-        prompts = [row.request.prompt_ids for row in live]
-        lengths = [len(p) for p in prompts]
-        cache = mixed_step.StepCache(batch.cache, len(running), lengths)
-        inputs = mixed_step.step_inputs([row.last_token for row in running], [row.length - 1 for row in running],
-                                        prompts, model.device, [row.prompt_logits for row in live])
-        rows = [*running, *live]
-        routing = packing.packed_routing([row.mixture for row in rows], [row.from_layer for row in rows],
-                                         [1] * len(running) + lengths, model.adapter_names)
-        try:
-            out = model(**inputs, **{self._cache_key: cache}, use_cache=True,  # checked, as a packed prefill
-                        moa_step=mixed_step.StepLayout(cache, batch.attention_mask()), **routing)
-        except BaseException:
-            batch.restore(before)
-            raise
-        batch.advance()
+        logits, prompt_kv = mixed_step.run(self.model, batch, running, live, self._cache_key)
         self.steps += 1
         self.mixed_steps_run += 1
         self.prefill_forwards += 1
         self.prefilled_requests += len(live)
-        return out.logits[0], cache.prompt_rows()
+        return logits, prompt_kv
 
     def _decode(self) -> None:
         rows = list(self._running)
@@ -511,15 +508,15 @@ class Engine:
         if self.deterministic:
             for row in rows:
                 inputs = {"input_ids": torch.tensor([[row.last_token]], device=self.model.device),
-                          "position_ids": torch.tensor([[row.length - 1]], device=self.model.device)}
-                out = self.model(**inputs, attention_mask=torch.ones(1, row.length, dtype=torch.long),
+                          "position_ids": torch.tensor([[row.position]], device=self.model.device)}
+                out = self.model(**inputs, attention_mask=torch.ones(1, row.length + row.offset, dtype=torch.long),
                                  **{self._cache_key: row.cache}, use_cache=True, check_finite=False,
                                  **row.routing_kwargs(self.model))
                 row.accept(out.logits[0, -1])
         else:
             batch = self._batch
             assert batch is not None
-            inputs = batch.step_inputs([row.last_token for row in rows], [row.length - 1 for row in rows],
+            inputs = batch.step_inputs([row.last_token for row in rows], [row.position for row in rows],
                                        self.model.device, self._cache_key)
             kwargs = Row.batch_routing_kwargs(rows, self.model)
             out = self.model(**inputs, use_cache=True, check_finite=False, **kwargs)

@@ -22,7 +22,10 @@ rows' one token each first, then each new prompt whole::
   step, and each prompt's queries attend causally to that prompt alone, as in its own
   prefill: no token sees another request's keys, and no work is spent on masked pairs;
 * KV cache: :class:`StepCache` appends the running rows' new keys/values to the batch
-  cache and keeps each prompt's, which then join the batch as a packed prefill's do.
+  cache and keeps each prompt's, which then join the batch as a packed prefill's do;
+* input-level adapters: a prompt-tuning request's segment is its virtual embeddings, then its
+  prompt (the whole step goes in as ``inputs_embeds``), and a running row's position counts its
+  virtual positions (:mod:`moa.serve.virtual_rows`); prefix-tuning requests are not mixed in.
 
 Only bases whose attention is transformers' SDPA are supported (:func:`supports`); the
 engine prefills separately otherwise.
@@ -37,7 +40,9 @@ from typing import Any
 import torch
 
 from moa import compat
+from moa.errors import MoaError
 from moa.serve import packing
+from moa.serve.virtual_rows import embed_segments
 
 logger = logging.getLogger(__name__)
 
@@ -186,3 +191,44 @@ def step_inputs(
         "logits_to_keep": torch.cat([torch.arange(rows), packing.kept_positions(ends, kept, torch.device("cpu"))])
         .to(device),
     }
+
+
+def run(model: Any, batch: Any, running: Sequence[Any], live: Sequence[Any], cache_key: str
+        ) -> tuple[torch.Tensor, list[packing.RowKV]]:
+    """One mixed step's forward over the engine's rows.
+
+    Args:
+        model: The served model (moa's attention switched on, :func:`enable`).
+        batch: The running rows' :class:`~moa.serve.batch_cache.BatchCache`; it grows by one
+            column (and is put back as it was if the forward fails).
+        running: The running rows (:class:`~moa.serve.rows.Row`), in the batch's order.
+        live: The newly admitted rows to prefill (none with a prefix).
+        cache_key: The name the base's forward takes its cache by.
+
+    Returns:
+        Per kept position its logits (the running rows', then the new prompts'), and each new
+        prompt's keys/values, ready to join the batch.
+
+    Raises:
+        MoaError: the base's attention is no longer moa's (someone switched it).
+    """
+    if not supports(model):
+        raise MoaError("The base's attention is no longer moa's; mixed steps are off for this step.")
+    before = batch.snapshot()
+    prompts = [row.prefill_ids for row in live]  # virtual embeddings' slots, then the prompt
+    lengths = [len(p) for p in prompts]
+    cache = StepCache(batch.cache, len(running), lengths)
+    inputs = step_inputs([row.last_token for row in running], [row.position for row in running], prompts,
+                         model.device, [row.prompt_logits for row in live])
+    inputs = embed_segments(model, inputs, [row.virtual for row in live], lengths, len(running))
+    rows = [*running, *live]
+    routing = packing.packed_routing([row.linear for row in rows], [row.from_layer for row in rows],
+                                     [1] * len(running) + lengths, model.bank.names)
+    try:
+        out = model(**inputs, **{cache_key: cache}, use_cache=True,  # checked, as a packed prefill
+                    moa_step=StepLayout(cache, batch.attention_mask()), **routing)
+    except BaseException:
+        batch.restore(before)
+        raise
+    batch.advance()
+    return out.logits[0], cache.prompt_rows()

@@ -13,7 +13,10 @@ end to end in a batch of one row:
 * the routing is per token: each prompt's tokens carry its request's mixture, and its
   own first adapter layer (a router-decided request keeps adapters off below the router's
   layer, as in a routed forward);
-* ``logits_to_keep`` keeps only the logits of each prompt's last token.
+* ``logits_to_keep`` keeps only the logits of each prompt's last token;
+* a prompt-tuning request's prompt starts with a placeholder per virtual token, whose
+  embeddings are put in afterwards (:func:`moa.serve.virtual_rows.embed_segments`), so its
+  virtual tokens and prompt take positions ``0..n+S-1``, as alone.
 
 The cache that comes out holds every prompt's keys and values side by side; :func:`split`
 cuts it into one cache per prompt, ready to join the decode batch. No padding, so no
@@ -87,7 +90,8 @@ def packed_routing(
         mixtures: One mixture per prompt (``None`` or ``{}`` = the base).
         from_layers: The first decoder layer each prompt's adapters apply at.
         lengths: Each prompt's token count.
-        adapter_names: The model's adapters in slot order.
+        adapter_names: The Linear-level adapters in slot order (``model.bank.names``): the
+            mixtures name only these (input-level ones are split off, :mod:`moa.serve.virtual_rows`).
     """
     rows = RoutingDecision.from_mixtures([m or None for m in mixtures], adapter_names)
     repeats = torch.tensor(list(lengths))

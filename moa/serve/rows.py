@@ -4,6 +4,11 @@ A row picks its own tokens from its own logits (greedy or with its own seeded ge
 after its own masks (``min_tokens``, a structured-output :class:`~moa.serve.structured.Guide`),
 and records log-probabilities from those same logits before any mask (:mod:`moa.serve.logprobs`).
 
+A row whose mixture names an input-level adapter (prompt / prefix tuning) carries its
+:class:`~moa.adapters.input_level.VirtualInput` and routes only the rest of its mixture
+through the Linear-level adapters (:mod:`moa.serve.virtual_rows`); its virtual positions come
+before its prompt, so its positions are shifted by :attr:`Row.offset`.
+
 ``n`` choices of one prompt are one *group*: a leader row, queued and prefilled like any
 other, and its followers, which ride along until the prefill. The prompt is prefilled once;
 every member picks its first token from the leader's last logits (each with its own
@@ -25,8 +30,10 @@ from moa.routing.decision import RoutingDecision
 from moa.serve.logprobs import prompt_logprobs, step_logprob
 from moa.serve.packing import from_layer_argument
 from moa.serve.requests import Completion, GenerationRequest, TokenEvent, TokenLogprob
+from moa.serve.virtual_rows import RowInputs, offset_of, packable
 
 if TYPE_CHECKING:
+    from moa.adapters.input_level import VirtualInput
     from moa.serve.engine import Engine
     from moa.serve.handle import RequestHandle
 
@@ -39,7 +46,13 @@ class Row:
     Its routing is fixed for its whole life: the mixture it names, or for ``auto`` the
     router's decision made once from the prompt (applied from the router's layer on, as
     inside a routed forward). ``length`` counts the prompt and the generated tokens; the
-    last generated token is the next step's input, at position ``length - 1``.
+    last generated token is the next step's input, at position ``length - 1`` plus the
+    row's virtual positions (:attr:`offset`).
+
+    Attributes:
+        mixture: The routing as asked for (input-level adapters included), reported back.
+        linear: The Linear-level part of it (``None``: the base), what routing decisions get.
+        virtual: The input-level adapters' virtual input, or ``None``.
     """
 
     def __init__(self, request: GenerationRequest, handle: RequestHandle, engine: Engine, submitted: float):
@@ -50,6 +63,8 @@ class Row:
         self.seconds_queued = 0.0
         self.tokens: list[int] = []
         self.mixture: dict[str, float] = dict(request.routing.mixture)
+        self.linear: dict[str, float] | None = self.mixture or None
+        self.virtual: VirtualInput | None = None
         self.from_layer = 0
         self.finished = False
         self.cache: Any = None  # the row's own KV cache (deterministic mode)
@@ -78,6 +93,28 @@ class Row:
     @property
     def last_token(self) -> int:
         return self.tokens[-1]
+
+    @property
+    def offset(self) -> int:
+        """Virtual positions before the prompt (prefix entries and virtual embeddings)."""
+        return offset_of(self.virtual)
+
+    @property
+    def position(self) -> int:
+        """The position of the next step's input (the last token)."""
+        return self.length - 1 + self.offset
+
+    @property
+    def packable(self) -> bool:
+        """Whether its prefill may share a packed forward or a mixed step (no prefix)."""
+        return packable(self.virtual)
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """The sequence a packed prefill runs for it: a placeholder per virtual embedding, then the
+        prompt (the placeholders' embeddings are put in, :func:`moa.serve.virtual_rows.embed_segments`)."""
+        embeddings = self.virtual.embedding_length if self.virtual is not None else 0
+        return [0] * embeddings + list(self.request.prompt_ids)
 
     @property
     def width(self) -> int:
@@ -112,7 +149,12 @@ class Row:
         """Pin the router's decision for this row and its followers (made from their prompt)."""
         for row in self.group():
             row.mixture = dict(mixture)
+            row.linear = dict(mixture) or None
             row.from_layer = int(from_layer)
+
+    def use_inputs(self, inputs: RowInputs) -> None:
+        """Take the split of its mixture (:func:`moa.serve.virtual_rows.split_row`)."""
+        self.linear, self.virtual = inputs.linear, inputs.virtual
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -122,8 +164,9 @@ class Row:
 
     @staticmethod
     def batch_routing_kwargs(rows: Sequence[Row], model: Any) -> dict[str, Any]:
-        """The model arguments giving each row of a batch its own routing."""
-        decision = RoutingDecision.from_mixtures([row.mixture or None for row in rows], model.adapter_names)
+        """The model arguments giving each row of a batch its own routing (Linear-level adapters,
+        numbered in the bank's slot order)."""
+        decision = RoutingDecision.from_mixtures([row.linear for row in rows], model.bank.names)
         return {"routing_decision": decision,
                 "adapters_from_layer": from_layer_argument([row.from_layer for row in rows])}
 
@@ -181,7 +224,7 @@ class Row:
             self._end("stop", text[:stop_at], entry)
         elif self.guide is not None and self.guide.stopped:
             self._end("stop", text, entry)
-        elif len(self.tokens) >= params.max_tokens or self.length >= self.engine.max_context:
+        elif len(self.tokens) >= params.max_tokens or self.length + self.offset >= self.engine.max_context:
             self._end("length", text, entry)
         else:
             self._stream(text, final=False, entry=entry)

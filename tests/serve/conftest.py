@@ -132,6 +132,8 @@ def serving_stack(
     allow_runtime_loading: bool = False,
     resident: tuple[str, ...] | None = None,
     ranks: dict[str, int] | None = None,
+    input_folders: dict[str, Path] | None = None,
+    engine_options: dict[str, Any] | None = None,
 ) -> Iterator[Stack]:
     """Start a live server; stop it (and its engine) on exit.
 
@@ -140,6 +142,8 @@ def serving_stack(
         router: Set a random :class:`LearnedGate` over :data:`GATE_ADAPTERS` (pinned).
         resident: Adapters loaded at start (default: all); the others are registered only.
         ranks: Adapters to create (default :data:`ADAPTER_RANKS`).
+        input_folders: More adapter folders (prompt / prefix tuning...) loaded at start, by name.
+        engine_options: More :class:`Engine` arguments (``deterministic``, ``mixed_steps``...).
     """
     import uvicorn
 
@@ -151,7 +155,8 @@ def serving_stack(
     ranks = dict(ADAPTER_RANKS if ranks is None else ranks)
     folders = make_adapter_folders(root, ranks)
     model = make_tiny_model()
-    engine = Engine(model, max_batch_size=max_batch_size, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens)
+    engine = Engine(model, max_batch_size=max_batch_size, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+                    **(engine_options or {}))
     gate = _gate(model.config.hidden_size, seed=3) if router else None
     cache = AdapterCache(engine, model, max_loras=max_loras, allow_runtime_loading=allow_runtime_loading,
                          pinned=set(GATE_ADAPTERS) if router else set())
@@ -161,6 +166,9 @@ def serving_stack(
             cache.load(name, str(folders[name]), startup=True)
         else:
             cache.register(name, str(folders[name]), startup=True)
+    for name, folder in (input_folders or {}).items():
+        cache.load(name, str(folder), startup=True)
+        folders[name] = folder
     if gate is not None:
         model.set_router(gate)
     engine.start()
