@@ -173,8 +173,12 @@ class LoraStack:
         In-place updates (an optimizer step) bump a tensor's version; ``param.data = ...``
         (``module.to(dtype)`` and back) swaps its storage without one. The tensors
         themselves are fixed for the stack's life, so their identity needs no place here.
+        An inference tensor (a factor an adapter type computed under ``torch.inference_mode``,
+        as ``moa serve`` runs) has no version counter; nothing updates such a product in
+        place (a new value is a new tensor), so its storage identifies it.
         """
-        return tuple([(t._version, t.data_ptr()) for t in self._present_weights])  # noqa: SLF001 - public tensor attr
+        return tuple([(0 if t.is_inference() else t._version, t.data_ptr())  # noqa: SLF001 - public tensor attr
+                      for t in self._present_weights])
 
     @property
     def max_rank(self) -> int:

@@ -123,3 +123,13 @@ def test_row_runs_path_matches_naive_loop(k):
     base = torch.randn(rows * seq, 40, generator=gen)
     out = lora_expand(lora_shrink(x, stack, meta), stack, meta, base.clone())
     torch.testing.assert_close(out.double() - base.double(), naive(x, stack, ids, weights), rtol=1e-5, atol=1e-4)
+
+
+def test_a_stack_of_factors_made_under_inference_mode_packs_and_caches():
+    """Adapter types whose factors are products (AdaLoRA's E*A) make inference tensors under ``moa serve``."""
+    with torch.inference_mode():
+        a, b = torch.randn(3, 6) * 2.0, torch.randn(7, 3)  # products: inference tensors, no version counter
+        stack = LoraStack([a, None], [b, None], [0.5, 0.0], 6, 7)
+        first = stack.packed()
+        assert stack.packed() is first  # the same storage: the cached buffers are reused
+        torch.testing.assert_close(first.lora_a[:3], a)
