@@ -162,15 +162,19 @@ def main() -> None:
     print("model's share (phase - runtime):")
     for name, m in model_share.items():
         print(f"  {name:<14}" + " " * 11 + "".join(f"{m[p]:11.0f}" for p in PHASES[1:]))
+    ratios = {phase: medians["nf4"][phase] / medians["fp32"][phase] for phase in PHASES[1:]}
+    share_ratios = {phase: model_share["nf4"][phase] / model_share["fp32"][phase] for phase in PHASES[1:]}
     result: dict[str, Any] = {
         "machine": platform.platform(), "python": sys.version.split()[0], "rounds": args.rounds,
         "command": "python benchmarks/base_memory.py " + " ".join(sys.argv[1:]),
         "pss_mib": medians, "model_share_mib": model_share, "all": runs,
+        "nf4_over_fp32": ratios, "nf4_over_fp32_model_share": share_ratios,
     }
     if args.serve:
         serve = {"fp32": serve_memory("none"), "nf4": serve_memory("nf4")}
         result["serve_pss_mib"] = serve
         result["serve_idle_nf4_over_fp32"] = serve["nf4"]["idle"] / serve["fp32"]["idle"]
+        result["serve_after_requests_nf4_over_fp32"] = serve["nf4"]["after 32 requests"] / serve["fp32"]["after 32 requests"]
         for name, values in serve.items():
             print(f"  moa serve {name:<5} " + ", ".join(f"{k} {v:.0f}" for k, v in values.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
