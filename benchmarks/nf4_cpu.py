@@ -6,8 +6,8 @@ with 1 and with ``1 + --steps`` new tokens; the difference over ``--steps`` is o
 step. Rounds interleave the variants; medians; ratio to float32.
 
 Variants: ``fp32`` (``quantization=None``); ``nf4`` (``load_base``'s default: NF4 weights,
-bfloat16 compute on a CPU with native bf16, see :mod:`moa.model.nf4_compute`); ``nf4 fp32
-compute`` (``compute_dtype=torch.float32``, moa's NF4 before that choice).
+float32 compute); ``nf4 bf16 compute`` (``compute_dtype=torch.bfloat16``, the opt-in for CPUs
+with native bf16, see :mod:`moa.model.nf4_compute`).
 
 Agreement: 20 held-out test prompts (4 per domain, chat template) answered greedily (32
 tokens) with their shipped adapter by each variant: how many answers equal float32's
@@ -37,11 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moa  # noqa: E402
 from mixed_batch import ADAPTERS, make_peft_adapters  # noqa: E402
 from moa.model.base_loading import default_base_path, load_base  # noqa: E402
-from moa.model.nf4_compute import default_nf4_compute_dtype  # noqa: E402
+from moa.model.nf4_compute import cpu_has_native_bf16, default_nf4_compute_dtype  # noqa: E402
 
 BATCH = 16
 RESULTS = Path(__file__).resolve().parent / "results" / "nf4_cpu.json"
-VARIANTS = {"fp32": (None, None), "nf4": ("nf4", None), "nf4 fp32 compute": ("nf4", torch.float32)}
+VARIANTS = {"fp32": (None, None), "nf4": ("nf4", None), "nf4 bf16 compute": ("nf4", torch.bfloat16)}
 
 
 def load(quantization: str | None, compute_dtype: torch.dtype | None) -> moa.MixtureModel:
@@ -122,8 +122,9 @@ def main() -> None:
     agree = {name: agreement(outputs["fp32"], outputs[name]) for name in models}
 
     compute = default_nf4_compute_dtype(torch.device("cpu"), torch.float32)
+    native_bf16 = cpu_has_native_bf16()
     print(f"decode step, batch {BATCH} over {ADAPTERS} adapters r=16 all-linear, prompt {args.prompt}, "
-          f"{torch.get_num_threads()} threads; NF4 default compute dtype here: {compute}")
+          f"{torch.get_num_threads()} threads; NF4 default compute dtype: {compute}; CPU has native bf16: {native_bf16}")
     for name in medians:
         a = agree[name]
         print(f"  {name:<17} {1000 * medians[name]:8.1f} ms/step  {ratios[name]:.3f}x fp32   answers equal to fp32: "
@@ -132,6 +133,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "machine": platform.platform(), "threads": torch.get_num_threads(), "steps": args.steps,
         "prompt": args.prompt, "rounds": args.rounds, "nf4_default_compute_dtype": str(compute),
+        "cpu_native_bf16": native_bf16,
         "command": "python benchmarks/nf4_cpu.py " + " ".join(sys.argv[1:]),
         "median_step_seconds": medians, "ratio_to_fp32": ratios, "agreement_with_fp32": agree, "all": times,
     }, indent=2) + "\n")
