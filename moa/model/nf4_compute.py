@@ -2,10 +2,11 @@
 
 bitsandbytes' ``Linear4bit`` multiplies by dequantizing its weight to the layer's compute
 dtype and calling an ordinary matmul. With float32 compute (moa's default on CPU) a decode
-step on the NF4 base costs 1.1x to 1.5x the float32 base's (``benchmarks/nf4_cpu.py``): the dequantized float32 weight is
-as many bytes as the dense one, plus the dequantization. On a CPU with native bfloat16
-arithmetic (AVX512-BF16 or AMX), bfloat16 compute writes half the bytes and the matmul runs
-at about twice the rate, so a step costs close to what the float32 base costs (1.05x); bfloat16 compute is also what QLoRA uses.
+step on the NF4 base costs 1.1x to 1.5x the float32 base's (``benchmarks/nf4_cpu.py``):
+the dequantized float32 weight is as many bytes as the dense one, plus the dequantization.
+On a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX), bfloat16 compute writes half
+the bytes and the matmul runs at about twice the rate, so a step costs close to what the
+float32 base costs (1.05x); bfloat16 compute is also what QLoRA uses.
 
 It is not the default because a bfloat16 matmul rounds its output to bfloat16: the same
 row computed in batches of different sizes can then differ in the last bf16 bit (about
