@@ -1,29 +1,37 @@
-"""The serving engine: one thread owns the model and batches requests at every step.
+"""The serving engine: one thread owns the model and runs a step after another.
 
 Continuous (iteration-level) batching, as in Orca / vLLM / TGI: a new request joins the
 running batch at the next step and a finished one leaves at once, so no row waits for
-the longest. Each step:
+the longest. The work is split as in vLLM v1:
+
+* the :class:`~moa.serve.scheduler.Scheduler` decides what each step runs (queues, batch
+  slots, the token budget, prompt chunks) and knows nothing of the model;
+* the :class:`~moa.serve.model_runner.ModelRunner` runs the forwards (packed prefills, mixed
+  decode + prefill steps, decode steps, requests alone) and owns the batch KV cache;
+* each row's :class:`~moa.serve.output.OutputProcessor` picks its tokens, streams its text and
+  decides its end.
+
+The engine (this module) runs the loop. Each step:
 
 1. run the admin calls queued by the app (adapter load/unload) — between two steps, so
    no forward ever sees the bank change under it;
-2. drop cancelled rows (a client that went away);
-3. admit queued requests up to ``max_batch_size``, each one's router decision made here,
-   once, from its prompt alone (for ``auto``). With no row running, the requests admitted
-   together are prefilled in ONE forward, their prompts packed end to end without padding
-   (:mod:`moa.serve.packing`; a lone request gets exactly the ops of ``model.generate`` on
-   it alone), and each one's first token is sampled;
-4. decode one token for every running row in ONE forward: the rows' KV caches live in one
-   left-padded batch cache (joined when a row arrives, sliced when one leaves), each row
-   keeps its own routing (named, weighted or routed — moa's per-row routing puts them in
-   one batch) and its own positions. Requests admitted while rows run are prefilled inside
-   this same forward (a mixed step, :mod:`moa.serve.mixed_step`), so an arrival does not
-   cost the running rows a forward of its own (``mixed_steps=False``: they are prefilled
-   first, packed, as in 3).
+2. drop cancelled requests (a client that went away);
+3. with rows running (and mixed steps on, the default): ONE forward decodes every running row
+   and prefills the prompt chunks the scheduler fits beside them (:mod:`moa.serve.mixed_step`);
+   a long prompt is spread over several steps, so the running rows keep their pace. With
+   nothing running: the waiting prompts are prefilled whole, packed end to end in one forward
+   (:mod:`moa.serve.packing`; a lone request gets exactly the ops of ``model.generate`` on it
+   alone), and each one's first token is picked.
 
-Requests naming input-level adapters (prompt / prefix tuning) get their virtual positions
-before the prompt, as ``model.generate`` gives them (:mod:`moa.serve.virtual_rows`); prompt-tuning
-requests are packed and mixed like any other, prefix-tuning ones are prefilled alone (then
-decoded in the shared batch).
+Each row keeps its own routing (named, weighted, routed by a sequence-level router once from
+its prompt, or by a token-level router at every token, as ``generate`` does). Requests naming
+prefix-tuning adapters and requests routed per token are prefilled alone, then decoded in the
+shared batch.
+
+Faults stay with their request: an error while starting, routing, sampling or detokenizing one
+row fails that request only (an OpenAI-shaped error); a failed packed or mixed forward is
+retried with each new request on its own. A decode forward that fails fails the requests in
+it, and the engine serves on. Only an error outside any step's work (a bug) stops the engine.
 
 ``deterministic=True`` prefills and decodes each row alone instead (batch 1, its own cache): every
 answer is then bit-identical to ``model.generate`` of that request alone, whatever else
@@ -38,26 +46,31 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 
-from moa.serve import mixed_step, packing, virtual_rows
-from moa.serve.batch_cache import BatchCache, cache_argument, layer_tensors, new_cache, prefill_inputs
+from moa.serve import mixed_step, virtual_rows
 from moa.serve.handle import RequestHandle
+from moa.serve.model_runner import ModelRunner
 from moa.serve.openmp import release_idle_openmp_threads
+from moa.serve.output import OutputLimits
 from moa.serve.requests import (
     BadRequestError,
     EngineDeadError,
+    EngineTimeoutError,
     GenerationRequest,
-    OverloadedError,
     UnknownModelError,
 )
 from moa.serve.rows import Row, eos_ids
+from moa.serve.scheduler import Chunk, Scheduler
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Seconds an admin call waits to run on the engine thread before it is withdrawn.
+ADMIN_TIMEOUT = 120.0
 
 
 class Engine:
@@ -73,9 +86,11 @@ class Engine:
             step's forward (:mod:`moa.serve.mixed_step`) instead of a forward of their own.
             Needs a base with SDPA attention (else off); ignored when ``deterministic``.
         max_prompt_tokens: Longest prompt accepted (default: the base's context minus 1).
-        max_prefill_tokens: Prompt tokens prefilled together in one packed forward at most
-            (a longer prompt is prefilled alone); bounds how long one admission stalls the
-            running rows' decoding.
+        max_prefill_tokens: Prompt tokens prefilled together in one packed forward when no row
+            runs (a longer prompt is prefilled alone).
+        max_step_tokens: Tokens of one mixed step (one per running row, the rest prompt
+            chunks): bounds how much an arriving prompt slows the running rows' steps.
+        admin_timeout: Seconds an admin call may wait for the engine thread.
     """
 
     def __init__(
@@ -88,39 +103,43 @@ class Engine:
         mixed_steps: bool = True,
         max_prompt_tokens: int | None = None,
         max_prefill_tokens: int = 2048,
+        max_step_tokens: int = 256,
+        admin_timeout: float = ADMIN_TIMEOUT,
     ):
-        if max_batch_size < 1:
-            raise BadRequestError(f"max_batch_size must be >= 1; got {max_batch_size}.")
         self.model = model
-        self.max_batch_size = int(max_batch_size)
-        self.max_queue = int(max_queue)
         self.deterministic = bool(deterministic)
+        self.scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=max_queue,
+                                   max_prefill_tokens=max_prefill_tokens, max_step_tokens=max_step_tokens,
+                                   one_at_a_time=self.deterministic)
         # Mixed steps switch the base's attention to moa's (plain SDPA outside them), so
         # they need an SDPA base; a deterministic engine runs every row alone anyway.
         self.mixed_steps = bool(mixed_steps) and not self.deterministic and mixed_step.enable(model)
+        self.runner = ModelRunner(model, deterministic=self.deterministic, mixed_steps=self.mixed_steps)
         context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_context = context
         self.max_prompt_tokens = min(int(max_prompt_tokens or context - 1), context - 1)
-        if max_prefill_tokens < 1:
-            raise BadRequestError(f"max_prefill_tokens must be >= 1; got {max_prefill_tokens}.")
-        self.max_prefill_tokens = int(max_prefill_tokens)
         self.eos_ids = eos_ids(model)
-        self._cache_key = cache_argument(model)
-        self._cond = threading.Condition()
-        self._waiting: collections.deque[Row] = collections.deque()
+        self.limits = OutputLimits(self.eos_ids, context, model.tokenizer)
+        self.admin_timeout = float(admin_timeout)
         self._admin: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
-        self._running: list[Row] = []
-        self._admitting: list[Row] = []  # popped from the queue, being prefilled
-        self._batch: BatchCache | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._cancel_on_stop = False
         self._dead: BaseException | None = None
-        self.steps = 0
-        self.prefill_forwards = 0  # prefill forwards run (a packed one counts once)
-        self.prefilled_requests = 0
-        self.mixed_steps_run = 0  # forwards that decoded and prefilled together
         self.busy_seconds = 0.0  # the loop's time working, not waiting (stats())
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.scheduler.max_batch_size
+
+    @property
+    def max_queue(self) -> int:
+        return self.scheduler.max_queue
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run (mixed steps included)."""
+        return self.runner.steps
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -141,22 +160,25 @@ class Engine:
 
     def shutdown(self, timeout: float = 30.0, cancel: bool = False) -> None:
         """Stop accepting requests, finish (or cancel) the in-flight ones, stop the thread.
+        Admin calls not run by then fail with :class:`EngineDeadError`.
 
         Args:
             timeout: Seconds to wait for in-flight requests; after that they are cancelled.
             cancel: Cancel in-flight requests at once instead of finishing them.
         """
-        with self._cond:
+        cond = self.scheduler.cond
+        with cond:
             self._stopping = True
             self._cancel_on_stop = cancel
-            self._cond.notify_all()
+            cond.notify_all()
         if self._thread is None:
+            self._fail_admin(EngineDeadError("The engine was shut down before it started."))
             return
         self._thread.join(timeout)
         if self._thread.is_alive():
-            with self._cond:
+            with cond:
                 self._cancel_on_stop = True
-                self._cond.notify_all()
+                cond.notify_all()
             self._thread.join(10)
 
     # -- client API ------------------------------------------------------------------------
@@ -207,60 +229,64 @@ class Engine:
         except RuntimeError:
             loop = None
         now = time.perf_counter()
-        rows = [Row(r, RequestHandle(r, loop), self, now) for r in requests]
+        rows = [Row(r, RequestHandle(r, loop), self.limits, now) for r in requests]
         for row in rows:
             row.use_inputs(inputs)
-        with self._cond:
-            if len(self._waiting) + (len(rows) if self.deterministic else 1) > self.max_queue:
-                raise OverloadedError(
-                    f"The server is busy: {len(self._waiting)} requests are already waiting "
-                    f"(--max-queue {self.max_queue}). Retry shortly.",
-                    retry_after=1.0,
-                )
-            if self.deterministic:  # every row is prefilled alone anyway
-                self._waiting.extend(rows)
-            else:
-                rows[0].followers = rows[1:]
-                self._waiting.append(rows[0])
-            self._cond.notify_all()
-        return [row.handle for row in rows]
+        if not self.deterministic:  # a deterministic engine prefills every row alone anyway
+            rows[0].followers = rows[1:]
+            rows = rows[:1]
+        self.scheduler.enqueue(rows)
+        return [row.handle for row in [rows[0], *rows[0].followers, *rows[1:]]]
 
     def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
-        """Run ``fn`` on the engine thread between two steps; return its result (or raise)."""
+        """Run ``fn`` on the engine thread between two steps; return its result (or raise).
+
+        Raises:
+            EngineTimeoutError: it did not get to run within ``timeout`` (default
+                ``admin_timeout``) seconds; it is withdrawn if it had not started.
+            EngineDeadError: the engine stopped before running it.
+        """
         if threading.current_thread() is self._thread or self._thread is None or not self._thread.is_alive():
             return fn()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._cond:
+        cond = self.scheduler.cond
+        with cond:
+            if self._stopping or self._dead is not None:
+                raise EngineDeadError("The engine is shutting down; adapters can no longer be changed.")
             self._admin.append((fn, future))
-            self._cond.notify_all()
-        return future.result(timeout)
+            cond.notify_all()
+        wait = self.admin_timeout if timeout is None else timeout
+        try:
+            return future.result(wait)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():  # not started: withdrawn, it will never run
+                raise EngineTimeoutError(
+                    f"The engine did not get to this adapter change within {wait:g} s (it is busy); nothing was "
+                    f"changed. Retry, or raise the admin timeout.") from None
+            return future.result()  # running now: it ends soon, between two steps
 
     def in_use(self) -> dict[str, int]:
-        """Adapter -> number of waiting and running requests that use it."""
-        counts: dict[str, int] = collections.Counter()
-        with self._cond:
-            rows = [*self._waiting, *self._running, *self._admitting]
-        for row in rows:
-            for name in row.adapters():
-                counts[name] += 1
-        return dict(counts)
+        """Adapter -> number of waiting, prefilling and running requests that use it."""
+        return self.scheduler.in_use()
 
     def stats(self) -> dict[str, float]:
-        """Queue depth, running rows, batch size cap, decode steps, prefill forwards (mixed steps
-        included), mixed steps so far, and ``busy_seconds``: the loop's time spent working rather
-        than waiting for requests (its share of wall time says whether the engine is the bottleneck)."""
-        with self._cond:
-            return {"queued": len(self._waiting), "running": len(self._running),
-                    "max_batch_size": self.max_batch_size, "steps": self.steps,
-                    "prefill_forwards": self.prefill_forwards, "prefilled_requests": self.prefilled_requests,
-                    "mixed_steps": self.mixed_steps_run, "busy_seconds": self.busy_seconds}
+        """Queue depth, requests prefilling (chunked) and running, batch size cap, admin calls
+        waiting, decode steps, prefill forwards (mixed steps included), mixed steps so far, chunks of
+        prompts split over several steps, and ``busy_seconds``: the
+        loop's time spent working rather than waiting for requests (its share of wall time says
+        whether the engine is the bottleneck)."""
+        runner = self.runner
+        with self.scheduler.cond:
+            admin = len(self._admin)
+        return {**self.scheduler.counts(), "max_batch_size": self.max_batch_size, "admin_pending": admin,
+                "steps": runner.steps,
+                "prefill_forwards": runner.prefill_forwards, "prefilled_requests": runner.prefilled_requests,
+                "mixed_steps": runner.mixed_steps_run, "prompt_chunks": runner.prompt_chunks,
+                "busy_seconds": self.busy_seconds}
 
     def running_adapters(self) -> tuple[list[str], list[str]]:
         """(adapters of running rows, adapters of waiting rows), for the LoRA info gauge."""
-        with self._cond:
-            running = sorted({n for row in self._running for n in row.adapters()})
-            waiting = sorted({n for row in self._waiting for n in row.adapters()})
-        return running, waiting
+        return self.scheduler.adapters_by_state()
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -279,300 +305,226 @@ class Engine:
             logger.exception("The engine loop crashed; failing every request.")
             self._dead = error
             self._fail_all(EngineDeadError(f"The engine crashed: {error!r}"))
+            return
+        self._fail_admin(EngineDeadError("The engine stopped before running this adapter change."))
 
     def _one_iteration(self) -> bool:
-        with self._cond:
-            while not (self._admin or self._waiting or self._running or self._stopping):
-                self._cond.wait()
+        scheduler = self.scheduler
+        with scheduler.cond:
+            while not (self._admin or scheduler.has_work() or self._stopping):
+                scheduler.cond.wait()
             admin = list(self._admin)
             self._admin.clear()
-            if self._stopping and (self._cancel_on_stop or not (self._waiting or self._running)):
-                stop = True
-            else:
-                stop = False
+            stop = self._stopping and (self._cancel_on_stop or not scheduler.has_work())
         started = time.perf_counter()  # work from here on; the wait above is idle time
         try:
-            return self._work(admin, stop)
+            for fn, future in admin:
+                _run_admin(fn, future)
+            if stop:
+                self._cancel_all()
+                return False
+            self._drop_cancelled()
+            if self.mixed_steps and (scheduler.running or scheduler.prefilling):
+                self._mixed_step()
+            else:
+                self._prefill_step()
+                if scheduler.running:
+                    self._decode_step()
+            return True
         finally:
             self.busy_seconds += time.perf_counter() - started
 
-    def _work(self, admin: list, stop: bool) -> bool:
-        """One iteration's work once woken: admin calls, then stop, or admit and step. False: stop."""
-        for fn, future in admin:
-            _run_admin(fn, future)
-        if stop:
-            self._cancel_all()
-            return False
-        self._drop_cancelled()
-        if self.mixed_steps and self._running:
-            self._step_admitting()
-        else:
-            self._admit()
-            if self._running:
-                self._decode()
-        return True
+    # -- steps -----------------------------------------------------------------------------
 
-    def _admit(self) -> None:
-        """Prefill waiting requests (packed, in forwards of their own) while rows are free."""
-        while len(self._running) < self.max_batch_size:
-            rows = self._pop_waiting()
-            if not rows:
+    def _prefill_step(self) -> None:
+        """Prefill waiting requests whole (packed, in forwards of their own) while slots are free."""
+        while True:
+            plan = self.scheduler.plan_prefill()
+            if not plan.admitted:
                 return
-            self._join(rows, self._prefill(rows))
+            live = self._start(plan.admitted)
+            self._finish_prefill(plan.admitted, self._prefill_whole(live))
 
-    def _pop_waiting(self) -> list[Row]:
-        """Take the next requests to admit (:meth:`_take_waiting`), still counted by ``in_use()``."""
-        with self._cond:
-            rows = self._take_waiting(self.max_batch_size - len(self._running))
-            self._admitting = rows
-        return rows
+    def _mixed_step(self) -> None:
+        """Decode the running rows and prefill the planned prompt chunks in ONE forward.
 
-    def _join(self, rows: list[Row], prefilled: list[Any]) -> None:
-        """Add the prefilled rows (``None``: cancelled or failed) that are not finished to the batch."""
-        with self._cond:
-            self._admitting = []
-            admitted = [(member, kv) for row, kv in zip(rows, prefilled, strict=True) if kv is not None
-                        for member in row.take_group() if not member.finished]
-            self._running.extend(row for row, _ in admitted)
-        if not admitted:
-            return
-        if self.deterministic:
-            for row, kv in admitted:
-                row.cache = kv
-        elif self._batch is None:
-            self._batch = BatchCache.from_rows([kv for _, kv in admitted])
-        else:
-            self._batch.join_rows([kv for _, kv in admitted])
-
-    def _take_waiting(self, free: int) -> list[Row]:
-        """Pop the requests to prefill together: up to ``free`` rows (a group of ``n`` choices
-        counts ``n``) and the token budget; one at a time in deterministic mode. Caller holds the lock."""
-        rows: list[Row] = []
-        tokens = width = 0
-        limit = 1 if self.deterministic else free
-        while self._waiting and width + self._waiting[0].width <= limit:
-            size = len(self._waiting[0].request.prompt_ids) + self._waiting[0].offset
-            if rows and tokens + size > self.max_prefill_tokens:
-                break
-            rows.append(self._waiting.popleft())
-            tokens, width = tokens + size, width + rows[-1].width
-        return rows
-
-    def _prefill(self, rows: list[Row]) -> list[Any]:
-        """Prefill ``rows`` and pick each one's first token.
-
-        Returns, per row, its KV cache (the row's own ``DynamicCache`` in deterministic mode,
-        else its per-layer keys/values), or ``None`` for a row that was cancelled or failed.
-        Several rows are prefilled in one packed forward (a prefix-tuning row alone); if that
-        forward fails, each row is retried alone, so one bad request never fails the others.
+        If that forward fails, the batch cache is put back as it was, new whole prompts are
+        prefilled on their own, a prompt already split over steps fails (its earlier chunks
+        cannot be redone here), and the running rows decode in a step of their own.
         """
-        return self._prefill_started(rows, self._start(rows))
+        scheduler = self.scheduler
+        plan = scheduler.plan_step()
+        live = {id(row) for row in self._start(plan.admitted)}
+        dead = [row for row in plan.admitted if id(row) not in live]
+        chunks = [c for c in plan.chunks if c.start or id(c.row) in live]
+        alone = [c.row for c in chunks if not c.row.packable]  # prefix / per-token rows: whole, alone
+        mixed = [c for c in chunks if c.row.packable]
+        running = list(scheduler.running)
+        if not mixed:
+            self._separately(running, [], alone, dead)
+            return
+        try:
+            logits, chunk_logits, chunk_kv = self.runner.mixed(running, mixed)
+        except Exception as error:  # noqa: BLE001 - the new requests are prefilled the other way
+            logger.warning("A mixed decode + prefill step failed (%s); prefilling the new requests on their own.",
+                           error)
+            for chunk in mixed:
+                if chunk.start or not chunk.last:
+                    chunk.row.fail(error)
+            self._separately(running, [c.row for c in mixed], alone, dead)
+            return
+        self._accept_decoded(running, logits)
+        done = self._accept_chunks(mixed, chunk_logits, chunk_kv)
+        leaving = [*dead, *(row for row, _ in done), *alone]
+        caches = [None] * len(dead) + [kv for _, kv in done] + self._prefill_whole(alone)
+        self._finish_prefill(leaving, caches)
 
-    def _start(self, rows: list[Row]) -> list[Row]:
-        """Start the rows' prefill: drop the cancelled ones, ask the router for ``auto`` ones;
-        returns those still alive."""
+    def _separately(self, running: list[Row], mixed: list[Row], alone: list[Row], dead: list[Row]) -> None:
+        """A step without a mixed forward: decode the running rows, then prefill the new whole
+        prompts (``mixed``, ``alone``) in forwards of their own; ``dead`` (and failed) rows leave."""
+        if running:
+            self._decode_step()
+        whole = [row for row in [*mixed, *alone] if not row.finished]
+        gone = dead + [row for row in mixed if row.finished]
+        self._finish_prefill([*gone, *whole], [None] * len(gone) + self._prefill_whole(whole))
+
+    def _decode_step(self) -> None:
+        """One decode step of the running rows. If its forward fails, its rows fail (with the
+        error) and the engine goes on with the waiting requests."""
+        running = list(self.scheduler.running)
+        try:
+            logits = self.runner.decode(running)
+        except Exception as error:  # noqa: BLE001 - these rows only; the engine serves on
+            logger.exception("A decode step of %d requests failed; failing them.", len(running))
+            for row in running:
+                row.fail(error)
+            self.scheduler.remove_running(range(len(running)))
+            self.runner.clear()
+            return
+        self._accept_decoded(running, logits)
+
+    # -- rows in and out -------------------------------------------------------------------
+
+    def _start(self, rows: Sequence[Row]) -> list[Row]:
+        """Start the rows' prefill: finish the cancelled ones, route ``auto`` ones; returns those
+        still alive (the others have ended, with their error)."""
         live: list[Row] = []
         for row in rows:
             try:
-                if row.handle.cancelled.is_set():
+                if row.cancelled:
                     row.finish("cancelled")
                     continue
                 row.start_prefill()
-                self._decide(row)
+                self.runner.decide(row)
                 live.append(row)
             except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
-                self._fail(row, error)
+                logger.warning("Request %s failed before its prefill: %s", row.request_id, error)
+                row.fail(error)
         return live
 
-    def _prefill_started(self, rows: list[Row], live: list[Row]) -> list[Any]:
-        """:meth:`_prefill` of ``rows`` once :meth:`_start` gave the ``live`` ones."""
+    def _prefill_whole(self, rows: Sequence[Row]) -> list[Any]:
+        """Prefill ``rows``' whole prompts and pick each one's first token.
+
+        Returns, per row, its KV cache (``None`` for a row that failed). Several rows are
+        prefilled in one packed forward (prefix-tuning and per-token rows alone); if that forward
+        fails, each row is retried alone, so one bad request never fails the others.
+        """
         caches: dict[int, Any] = {}
-        packed = [row for row in live if row.packable]
+        packed = [row for row in rows if row.packable and not row.finished]
         if len(packed) > 1:
             try:
-                caches = dict(zip(map(id, packed), self._prefill_packed(packed), strict=True))
+                logits, kvs = self.runner.prefill_packed(packed)
             except Exception as error:  # noqa: BLE001 - retried one by one below
                 logger.warning("A packed prefill of %d requests failed (%s); prefilling them one by one.",
                                len(packed), error)
-        for row in live:
+            else:
+                for row, kept, kv in zip(packed, logits, kvs, strict=True):
+                    row.accept_prefill(kept)
+                    caches[id(row)] = kv
+        for row in rows:
             if id(row) in caches or row.finished:
                 continue
             try:
-                cache = self._prefill_alone(row)
-                caches[id(row)] = cache if self.deterministic else layer_tensors(cache)
+                kept, cache = self.runner.prefill_alone(row)
+                row.accept_prefill(kept)
+                caches[id(row)] = cache
             except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
-                self._fail(row, error)
+                logger.warning("Request %s failed in prefill: %s", row.request_id, error)
+                row.fail(error)
         return [caches.get(id(row)) for row in rows]
 
-    @staticmethod
-    def _fail(row: Row, error: Exception) -> None:
-        logger.warning("Request %s failed in prefill: %s", row.request_id, error)
-        row.fail(error)
+    def _accept_chunks(self, chunks: Sequence[Chunk], logits: Sequence[torch.Tensor],
+                       kvs: Sequence[Any]) -> list[tuple[Row, Any]]:
+        """Record the step's prompt chunks; returns the rows whose prefill ended, with their cache."""
+        done = []
+        for chunk, kept, kv in zip(chunks, logits, kvs, strict=True):
+            row = chunk.row
+            if not chunk.last:
+                row.prefilled, row.prompt_kv = chunk.stop, kv
+                continue
+            row.prompt_kv = None
+            row.accept_prefill(kept)
+            done.append((row, kv))
+        return done
 
-    def _decide(self, row: Row) -> None:
-        """The router's decision for an ``auto`` row, made once from its prompt alone, exactly
-        as inside ``generate``'s prefill."""
-        if row.request.routing.auto:
-            model = self.model
-            inputs = prefill_inputs(row.request.prompt_ids, model.device)
-            mixture = model.route(inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
-            row.set_decided(mixture, int(model.router.hidden_layer or 0))
+    def _finish_prefill(self, rows: Sequence[Row], caches: Sequence[Any]) -> None:
+        """``rows`` left the prefill; their live members (with a cache) join the batch."""
+        members, member_caches = [], []
+        for row, cache in zip(rows, list(caches) + [None] * (len(rows) - len(caches)), strict=True):
+            for member in row.take_group():
+                if cache is not None and not member.finished:
+                    members.append(member)
+                    member_caches.append(cache)
+        self.scheduler.prefill_done(rows, members)
+        self.runner.join(members, member_caches)
 
-    def _prefill_alone(self, row: Row) -> Any:
-        """The ops of ``model.generate``'s prefill on this request alone; returns its cache."""
-        model = self.model
-        cache = new_cache(model)
-        inputs = virtual_rows.prefill_alone_inputs(model, row.request.prompt_ids, row.virtual, cache)
-        out = model(**inputs, **{self._cache_key: cache}, use_cache=True, logits_to_keep=row.prompt_logits,
-                    check_finite=False, **row.routing_kwargs(model))
-        self.prefill_forwards += 1
-        self.prefilled_requests += 1
-        row.accept_prefill(out.logits[0])
-        return cache  # filled in place
-
-    def _prefill_packed(self, rows: list[Row]) -> list[Any]:
-        """One forward over the rows' prompts packed end to end (:mod:`moa.serve.packing`)."""
-        model = self.model
-        prompts = [row.prefill_ids for row in rows]  # virtual embeddings' slots, then the prompt
-        lengths = [len(p) for p in prompts]
-        inputs = packing.packed_inputs(prompts, model.device, model.base_model.dtype,
-                                       [row.prompt_logits for row in rows])
-        inputs = virtual_rows.embed_segments(model, inputs, [row.virtual for row in rows], lengths)
-        routing = packing.packed_routing([row.linear for row in rows], [row.from_layer for row in rows],
-                                         lengths, model.bank.names)
-        cache = new_cache(model)
-        # Checked: a NaN in one packed prompt reaches the others through attention's masked
-        # products (0 * NaN), so non-finite logits fail the packing and each prompt runs alone.
-        out = model(**inputs, **{self._cache_key: cache}, use_cache=True, **routing)
-        self.prefill_forwards += 1
-        self.prefilled_requests += len(rows)
-        self._accept_first_tokens(rows, out.logits[0])
-        return packing.split(layer_tensors(cache), lengths)
-
-    def _accept_first_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
-        """Each new row's first token (and prompt log-probabilities) from its prompt's kept logits,
-        ``row.prompt_logits`` positions each, in order."""
-        for row, kept in zip(rows, logits.split([row.prompt_logits for row in rows]), strict=True):
-            try:
-                row.accept_prefill(kept)
-            except Exception as error:  # noqa: BLE001 - this row only
-                self._fail(row, error)
-
-    def _step_admitting(self) -> None:
-        """Decode the running rows and prefill newly admitted requests in ONE forward.
-
-        A mixed step (:mod:`moa.serve.mixed_step`); with nothing to admit it is a plain decode
-        step. If the mixed forward fails, the batch cache is put back as it was and the new
-        requests are prefilled on their own (:meth:`_prefill`), so no row is lost.
-        """
-        rows = self._pop_waiting()
-        live = self._start(rows) if rows else []
-        mixed = [row for row in live if row.packable]  # prefix-tuning rows are prefilled alone
-        if not mixed:
-            self._join(rows, self._prefill_started(rows, live) if live else [None] * len(rows))
-            self._decode()
-            return
-        running = list(self._running)
-        try:
-            logits, prompt_kv = self._mixed_forward(running, mixed)
-        except Exception as error:  # noqa: BLE001 - the new requests are prefilled the other way
-            logger.warning("A mixed decode + prefill step failed (%s); prefilling the %d new requests on "
-                           "their own.", error, len(live))
-            self._join(rows, self._prefill_started(rows, live))
-            self._decode()
-            return
-        for i, row in enumerate(running):
+    def _accept_decoded(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
+        """Each running row's next token from its logits; finished rows leave the batch."""
+        for i, row in enumerate(rows):
             row.accept(logits[i])
-        self._accept_first_tokens(mixed, logits[len(running):])
-        self._remove([i for i, row in enumerate(running) if row.finished])
-        alone = [row for row in live if not row.packable]
-        by_row = dict(zip(map(id, mixed), prompt_kv, strict=True))
-        by_row.update(zip(map(id, alone), self._prefill_started(alone, alone), strict=True))
-        self._join(rows, [by_row.get(id(row)) for row in rows])
-
-    def _mixed_forward(self, running: list[Row], live: list[Row]) -> tuple[torch.Tensor, list[Any]]:
-        """The mixed step's forward: per kept position its logits (running rows, then new
-        prompts), and each new prompt's keys/values. The batch cache grows by one column."""
-        batch = self._batch
-        assert batch is not None
-        logits, prompt_kv = mixed_step.run(self.model, batch, running, live, self._cache_key)
-        self.steps += 1
-        self.mixed_steps_run += 1
-        self.prefill_forwards += 1
-        self.prefilled_requests += len(live)
-        return logits, prompt_kv
-
-    def _decode(self) -> None:
-        rows = list(self._running)
-        self.steps += 1
-        if self.deterministic:
-            for row in rows:
-                inputs = {"input_ids": torch.tensor([[row.last_token]], device=self.model.device),
-                          "position_ids": torch.tensor([[row.position]], device=self.model.device)}
-                out = self.model(**inputs, attention_mask=torch.ones(1, row.length + row.offset, dtype=torch.long),
-                                 **{self._cache_key: row.cache}, use_cache=True, check_finite=False,
-                                 **row.routing_kwargs(self.model))
-                row.accept(out.logits[0, -1])
-        else:
-            batch = self._batch
-            assert batch is not None
-            inputs = batch.step_inputs([row.last_token for row in rows], [row.position for row in rows],
-                                       self.model.device, self._cache_key)
-            kwargs = Row.batch_routing_kwargs(rows, self.model)
-            out = self.model(**inputs, use_cache=True, check_finite=False, **kwargs)
-            batch.advance()
-            for i, row in enumerate(rows):
-                row.accept(out.logits[i, -1])
         self._remove([i for i, row in enumerate(rows) if row.finished])
 
-    def _remove(self, indices: list[int]) -> None:
-        if not indices:
-            return
-        gone = set(indices)
-        with self._cond:
-            self._running = [row for i, row in enumerate(self._running) if i not in gone]
-        if self._batch is not None:
-            if self._running:
-                self._batch.keep([i for i in range(self._batch.size) if i not in gone])
-            else:
-                self._batch = None
+    def _remove(self, indices: Sequence[int]) -> None:
+        size = len(self.scheduler.running)
+        self.scheduler.remove_running(indices)
+        self.runner.keep(size, indices)
 
     def _drop_cancelled(self) -> None:
-        cancelled = [i for i, row in enumerate(self._running) if row.handle.cancelled.is_set()]
-        for i in cancelled:
-            self._running[i].finish("cancelled")
-        self._remove(cancelled)
-        with self._cond:
-            waiting = [row for row in self._waiting if row.handle.cancelled.is_set()]
-            for row in waiting:
-                self._waiting.remove(row)
-        for row in waiting:
+        running, prefilling, waiting = self.scheduler.take_cancelled()
+        rows = self.scheduler.running
+        for i in running:
+            rows[i].finish("cancelled")
+        self._remove(running)
+        for row in [*prefilling, *waiting]:
             row.finish("cancelled")
 
     def _cancel_all(self) -> None:
-        with self._cond:
-            rows = [*self._running, *self._waiting]
-            self._running, self._batch = [], None
-            self._waiting.clear()
+        rows = self.scheduler.drain()
+        self.runner.clear()
         for row in rows:
             if not row.finished:
                 row.finish("cancelled")
 
     def _fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            rows = [*self._running, *self._waiting]
-            admin = list(self._admin)
-            self._running, self._batch = [], None
-            self._waiting.clear()
-            self._admin.clear()
+        rows = self.scheduler.drain()
+        self.runner.clear()
         for row in (member for row in rows for member in row.group()):
             if not row.handle.done:
                 row.handle.finish(None, error)
+        self._fail_admin(error)
+
+    def _fail_admin(self, error: BaseException) -> None:
+        with self.scheduler.cond:
+            admin = list(self._admin)
+            self._admin.clear()
         for _, future in admin:
-            future.set_exception(error)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
 
 
 def _run_admin(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+    if not future.set_running_or_notify_cancel():  # withdrawn by its caller (timed out)
+        return
     try:
         future.set_result(fn())
     except BaseException as error:  # noqa: BLE001 - handed to the caller

@@ -76,6 +76,14 @@ class EngineDeadError(ServeError, RuntimeError):
     code = "engine_unavailable"
 
 
+class EngineTimeoutError(ServeError, TimeoutError):
+    """An admin call (adapter load/unload) did not run on the engine thread in time; it was
+    withdrawn if it had not started."""
+
+    status = 503
+    code = "engine_timeout"
+
+
 #: Smallest non-zero temperature: sampling divides the float32 logits by it, and below this the
 #: quotient can overflow to infinity (5e-324 is 0 in float32); 0 asks for greedy decoding.
 MIN_TEMPERATURE = 1e-4

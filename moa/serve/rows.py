@@ -1,8 +1,9 @@
-"""One request's life inside the engine: its routing, tokens, text and how it ends.
+"""One request's life inside the engine: its routing, its prefill progress, how it ends.
 
-A row picks its own tokens from its own logits (greedy or with its own seeded generator),
-after its own masks (``min_tokens``, a structured-output :class:`~moa.serve.structured.Guide`),
-and records log-probabilities from those same logits before any mask (:mod:`moa.serve.logprobs`).
+A row's tokens, text and ending are its :class:`~moa.serve.output.OutputProcessor`'s; the row
+adds its routing (:class:`RowRoute`: a mixture pinned for its whole life, or a token-level
+router asked at every step, exactly as inside ``model.generate``), where its prefill stands
+(chunks prefilled so far and their keys/values), and its group.
 
 A row whose mixture names an input-level adapter (prompt / prefix tuning) carries its
 :class:`~moa.adapters.input_level.VirtualInput` and routes only the rest of its mixture
@@ -20,71 +21,80 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moa.errors import NonFiniteOutputError
-from moa.routing.decision import RoutingDecision
-from moa.serve.logprobs import prompt_logprobs, step_logprob
-from moa.serve.packing import from_layer_argument
-from moa.serve.requests import Completion, GenerationRequest, TokenEvent, TokenLogprob
+from moa.serve.logprobs import prompt_logprobs
+from moa.serve.output import OutputLimits, OutputProcessor
+from moa.serve.requests import Completion, GenerationRequest
 from moa.serve.virtual_rows import RowInputs, offset_of, packable
 
 if TYPE_CHECKING:
     from moa.adapters.input_level import VirtualInput
-    from moa.serve.engine import Engine
     from moa.serve.handle import RequestHandle
+    from moa.serve.packing import RowKV
 
 logger = logging.getLogger(__name__)
 
 
-class Row:
-    """A running (or waiting) request.
+@dataclass
+class RowRoute:
+    """A row's Linear-level routing.
 
-    Its routing is fixed for its whole life: the mixture it names, or for ``auto`` the
-    router's decision made once from the prompt (applied from the router's layer on, as
-    inside a routed forward). ``length`` counts the prompt and the generated tokens; the
-    last generated token is the next step's input, at position ``length - 1`` plus the
-    row's virtual positions (:attr:`offset`).
+    Attributes:
+        linear: The mixture applied (``None``: the base); for a token-level row, the
+            prompt's average decision, reported only.
+        from_layer: The first decoder layer its adapters apply at (a router's layer for a
+            routed row, so layers below run on the base, as when it was routed).
+        per_token: The router decides every new token (a token-level router), inside each
+            forward, as ``generate`` does; ``linear`` is then not applied.
+    """
+
+    linear: dict[str, float] | None = None
+    from_layer: int = 0
+    per_token: bool = False
+
+
+class Row:
+    """A waiting, prefilling or running request.
+
+    Its routing is fixed for its whole life (:class:`RowRoute`). ``length`` counts the prompt
+    and the generated tokens; the last generated token is the next step's input, at position
+    ``length - 1`` plus the row's virtual positions (:attr:`offset`).
 
     Attributes:
         mixture: The routing as asked for (input-level adapters included), reported back.
-        linear: The Linear-level part of it (``None``: the base), what routing decisions get.
+        route: Its Linear-level routing.
         virtual: The input-level adapters' virtual input, or ``None``.
+        output: Its tokens, text and ending.
+        prefilled: Prefill tokens run so far (chunked prefill).
+        prompt_kv: Their per-layer keys/values while the prefill is chunked.
     """
 
-    def __init__(self, request: GenerationRequest, handle: RequestHandle, engine: Engine, submitted: float):
+    def __init__(self, request: GenerationRequest, handle: RequestHandle, limits: OutputLimits, submitted: float):
         self.request = request
         self.handle = handle
-        self.engine = engine
         self.submitted = submitted
         self.seconds_queued = 0.0
-        self.tokens: list[int] = []
         self.mixture: dict[str, float] = dict(request.routing.mixture)
-        self.linear: dict[str, float] | None = self.mixture or None
+        self.route = RowRoute(self.mixture or None)
         self.virtual: VirtualInput | None = None
-        self.from_layer = 0
         self.finished = False
         self.cache: Any = None  # the row's own KV cache (deterministic mode)
         self.followers: list[Row] = []  # the other choices of this prompt, until the prefill
-        self.guide = request.guide
-        params = request.params
-        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
-        self._sent = ""  # text already streamed
-        self._generator: torch.Generator | None = None
-        if not params.greedy:
-            self._generator = torch.Generator()
-            if params.seed is not None:
-                self._generator.manual_seed(int(params.seed))
-            else:
-                self._generator.seed()
+        self.output = OutputProcessor(request, handle, limits)
+        self.prefilled = 0
+        self.prompt_kv: RowKV | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.output.tokens
 
     @property
     def length(self) -> int:
@@ -105,9 +115,20 @@ class Row:
         return self.length - 1 + self.offset
 
     @property
+    def cancelled(self) -> bool:
+        return self.handle.cancelled.is_set()
+
+    @property
     def packable(self) -> bool:
-        """Whether its prefill may share a packed forward or a mixed step (no prefix)."""
-        return packable(self.virtual)
+        """Whether its prefill may share a packed forward or a mixed step (no prefix, and its
+        routing is fixed: a token-level router's prefill runs alone, as in ``generate``)."""
+        return packable(self.virtual) and not self.route.per_token
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether its prompt may be prefilled over several steps: packable, no virtual
+        embeddings and no prompt log-probabilities (they need every position's logits at once)."""
+        return self.packable and self.virtual is None and self.request.params.prompt_logprobs is None
 
     @property
     def prefill_ids(self) -> list[int]:
@@ -115,6 +136,11 @@ class Row:
         prompt (the placeholders' embeddings are put in, :func:`moa.serve.virtual_rows.embed_segments`)."""
         embeddings = self.virtual.embedding_length if self.virtual is not None else 0
         return [0] * embeddings + list(self.request.prompt_ids)
+
+    @property
+    def prefill_total(self) -> int:
+        """Tokens its prefill runs (virtual embeddings, then the prompt)."""
+        return (self.virtual.embedding_length if self.virtual is not None else 0) + len(self.request.prompt_ids)
 
     @property
     def width(self) -> int:
@@ -145,30 +171,17 @@ class Row:
         for row in self.group():
             row.seconds_queued = now - row.submitted
 
-    def set_decided(self, mixture: dict[str, float], from_layer: int) -> None:
-        """Pin the router's decision for this row and its followers (made from their prompt)."""
+    def set_decided(self, mixture: dict[str, float], from_layer: int, per_token: bool = False) -> None:
+        """Pin the router's decision for this row and its followers (made from their prompt);
+        with ``per_token``, the router decides again at every step and ``mixture`` is reported only."""
         for row in self.group():
             row.mixture = dict(mixture)
-            row.linear = dict(mixture) or None
-            row.from_layer = int(from_layer)
+            row.route = RowRoute(dict(mixture) or None, int(from_layer), per_token)
 
     def use_inputs(self, inputs: RowInputs) -> None:
         """Take the split of its mixture (:func:`moa.serve.virtual_rows.split_row`)."""
-        self.linear, self.virtual = inputs.linear, inputs.virtual
-
-    # -- routing ---------------------------------------------------------------------------
-
-    def routing_kwargs(self, model: Any) -> dict[str, Any]:
-        """The model arguments that give this row, alone, its routing."""
-        return Row.batch_routing_kwargs([self], model)
-
-    @staticmethod
-    def batch_routing_kwargs(rows: Sequence[Row], model: Any) -> dict[str, Any]:
-        """The model arguments giving each row of a batch its own routing (Linear-level adapters,
-        numbered in the bank's slot order)."""
-        decision = RoutingDecision.from_mixtures([row.linear for row in rows], model.bank.names)
-        return {"routing_decision": decision,
-                "adapters_from_layer": from_layer_argument([row.from_layer for row in rows])}
+        self.route = RowRoute(inputs.linear, self.route.from_layer, self.route.per_token)
+        self.virtual = inputs.virtual
 
     # -- tokens ----------------------------------------------------------------------------
 
@@ -181,93 +194,29 @@ class Row:
             scored = prompt_logprobs(logits[:-1], self.request.prompt_ids, params.prompt_logprobs)
         followers, self.followers = self.followers, []  # so a failing leader fails alone here
         for row in (self, *followers):
-            row.prompt_logprobs = scored
+            row.output.prompt_logprobs = scored
             row.accept(logits[-1])  # a member that fails fails alone
         self.followers = followers  # they join the batch with the leader's cache (take_group)
 
     def accept(self, logits: torch.Tensor) -> None:
         """Pick the next token from this row's last logits, stream its text, maybe finish.
 
-        Logits holding NaN or infinities (an adapter's weights overflowing) fail this request
-        alone with :class:`~moa.errors.NonFiniteOutputError`; so does any other error here (a
-        structured-output grammar refusing a token...): the engine's other rows go on.
+        Any error here (NaN or infinite logits, a structured-output grammar refusing a token, a
+        tokenizer failing to decode...) fails this request alone; the engine's other rows go on.
         """
         try:
-            self._accept(logits)
+            ending = self.output.accept(logits, self.length + 1 + self.offset)
         except Exception as error:  # noqa: BLE001 - this row only; never the engine loop
             logger.warning("Request %s failed at token %d: %s", self.request_id, len(self.tokens), error)
             self.fail(error)
-
-    def _accept(self, logits: torch.Tensor) -> None:
-        if not bool(torch.isfinite(logits).all()):
-            self.fail(NonFiniteOutputError(
-                f"Request {self.request_id}: the model's logits hold NaN or infinite values (routing "
-                f"{self.mixture or 'base'}); an adapter's weights overflow on this input. Reload the adapter "
-                f"from its file or send the request to another adapter."))
             return
-        params = self.request.params
-        token = self._pick(logits)
-        self.tokens.append(token)
-        entry = None
-        if self.logprobs is not None:
-            entry = step_logprob(logits, token, params.logprobs or 0)
-            self.logprobs.append(entry)
-        eos = self.engine.eos_ids
-        if token in eos:
-            self._end("stop", self._text(), entry)
-            return
-        if self.guide is not None:
-            self.guide.advance(token)
-        text = self._text()
-        stop_at = _first_stop(text, params.stop) if len(self.tokens) >= params.min_tokens else None
-        if stop_at is not None:
-            self._end("stop", text[:stop_at], entry)
-        elif self.guide is not None and self.guide.stopped:
-            self._end("stop", text, entry)
-        elif len(self.tokens) >= params.max_tokens or self.length + self.offset >= self.engine.max_context:
-            self._end("length", text, entry)
-        else:
-            self._stream(text, final=False, entry=entry)
-
-    def _pick(self, logits: torch.Tensor) -> int:
-        params = self.request.params
-        if len(self.tokens) < params.min_tokens and self.engine.eos_ids:
-            logits = logits.clone()
-            logits[list(self.engine.eos_ids)] = float("-inf")  # as generate's min_new_tokens
-        if self.guide is not None:
-            logits = self.guide.mask(logits)
-        if params.greedy:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1).cpu()
-        if params.top_p < 1:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, 0) - sorted_probs < params.top_p  # the nucleus
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=self._generator))
-
-    def _text(self) -> str:
-        tokenizer = self.engine.model.tokenizer
-        ids = [t for t in self.tokens if t not in self.engine.eos_ids]
-        return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else ""
-
-    def _stream(self, text: str, final: bool, entry: TokenLogprob | None) -> None:
-        """Send the newest token's event with the text not sent yet, holding back what may still
-        change (a split UTF-8 character, the start of a stop string) unless this is the end."""
-        safe = text if final else _stable_prefix(text, self.request.params.stop)
-        delta = safe[len(self._sent):] if safe.startswith(self._sent) else ""
-        self._sent += delta
-        first = len(self.tokens) == 1
-        self.handle.emit(TokenEvent(self.tokens[-1], delta, entry,
-                                    self.prompt_logprobs if first else None))
-
-    def _end(self, reason: str, text: str, entry: TokenLogprob | None) -> None:
-        """Stream the last token (and the rest of the text), then finish."""
-        self._stream(text, final=True, entry=entry)
-        self.finish(reason, text)
+        if ending is not None:
+            self.finish(ending.reason, ending.text)
 
     def fail(self, error: Exception) -> None:
         """End the request with ``error`` (its client gets it; the other rows go on). Followers
         not yet prefilled fail with it."""
+        self.prompt_kv = None
         for row in self.take_group():
             if not row.finished:
                 row.finished = True
@@ -282,15 +231,17 @@ class Row:
             for row in self.take_group()[1:]:
                 row.finish(reason)
         self.finished = True
+        self.prompt_kv = None
+        output = self.output
         completion = Completion(
-            text=self._text() if text is None else text,
+            text=output.text if text is None else text,
             token_ids=list(self.tokens),
             finish_reason=reason,
             routing=dict(self.mixture),
             prompt_tokens=len(self.request.prompt_ids),
             seconds_queued=self.seconds_queued,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
-            prompt_logprobs=self.prompt_logprobs,
+            logprobs=list(output.logprobs) if output.logprobs is not None else None,
+            prompt_logprobs=output.prompt_logprobs,
         )
         self.handle.finish(completion)
 
@@ -309,20 +260,3 @@ def eos_ids(model: Any) -> frozenset[int]:
         ids.add(int(tokenizer.eos_token_id))
     return frozenset(ids)
 
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    positions = [text.find(s) for s in stops if s in text]
-    return min(positions) if positions else None
-
-
-def _stable_prefix(text: str, stops: Sequence[str]) -> str:
-    """``text`` minus a trailing replacement character and any tail that starts a stop string."""
-    if text.endswith("\ufffd"):
-        text = text.rstrip("\ufffd")
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    return text[: len(text) - hold] if hold else text

@@ -24,3 +24,15 @@ def routed_tiny_model(ranks: dict[str, int], seed: int = 0) -> Any:
                     if pname.startswith("lora_B"):
                         param.mul_(4.0)
     return tiny
+
+
+def greedy_alone(model: Any, prompt: list[int], weights: Any, max_tokens: int) -> list[int]:
+    """``model.generate`` of one request alone, greedy, exactly ``max_tokens`` new tokens (EOS
+    masked until then): the reference a served answer must equal. ``weights``: a mixture,
+    ``None`` (the base) or ``"auto"``."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, adapter_weights=[weights],
+                             pad_token_id=257, eos_token_id=256)
+    return out[0, ids.shape[1]:].tolist()

@@ -25,6 +25,7 @@ import moa
 from moa.serve import packing
 from moa.serve.batch_cache import BatchCache, cache_argument, layer_tensors, new_cache
 from moa.serve.engine import Engine
+from moa.serve.model_runner import ModelRunner
 from moa.serve.requests import GenerationRequest, RowRouting, SamplingParams
 from tests.serve.helpers import routed_tiny_model
 
@@ -169,7 +170,7 @@ def test_a_failing_packed_prefill_falls_back_to_each_request_alone(model, monkey
     def broken(self, rows):
         raise RuntimeError("simulated failure of the packed forward")
 
-    monkeypatch.setattr(Engine, "_prefill_packed", broken)
+    monkeypatch.setattr(ModelRunner, "prefill_packed", broken)
     completions, stats = run_queued(model, requests_for(PROMPTS, MIXTURES))
     assert [c.token_ids for c in completions] == [offline(model, p, m) for p, m in zip(PROMPTS, MIXTURES)]
     assert stats["prefill_forwards"] == len(PROMPTS)
