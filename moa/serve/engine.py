@@ -56,6 +56,7 @@ from moa.serve.handle import RequestHandle
 from moa.serve.model_runner import ModelRunner
 from moa.serve.openmp import release_idle_openmp_threads
 from moa.serve.output import OutputLimits
+from moa.serve.prefix_cache import PrefixCache, routing_key
 from moa.serve.requests import (
     BadRequestError,
     EngineDeadError,
@@ -91,6 +92,8 @@ class Engine:
         max_step_tokens: Tokens of one mixed step (one per running row, the rest prompt
             chunks): bounds how much an arriving prompt slows the running rows' steps.
         admin_timeout: Seconds an admin call may wait for the engine thread.
+        prefix_cache_bytes: Keys/values of prompt prefixes kept for reuse
+            (:mod:`moa.serve.prefix_cache`; 0: off). Needs mixed steps; off when deterministic.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Engine:
         max_prefill_tokens: int = 2048,
         max_step_tokens: int = 256,
         admin_timeout: float = ADMIN_TIMEOUT,
+        prefix_cache_bytes: int = 256 * 2**20,
     ):
         self.model = model
         self.deterministic = bool(deterministic)
@@ -121,6 +125,8 @@ class Engine:
         self.eos_ids = eos_ids(model)
         self.limits = OutputLimits(self.eos_ids, context, model.tokenizer)
         self.admin_timeout = float(admin_timeout)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if self.mixed_steps and prefix_cache_bytes > 0 else None
+        self._adapters_seen = model.bank.layout_version  # the prefix cache is cleared when adapters change
         self._admin: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -272,7 +278,8 @@ class Engine:
     def stats(self) -> dict[str, float]:
         """Queue depth, requests prefilling (chunked) and running, batch size cap, admin calls
         waiting, decode steps, prefill forwards (mixed steps included), mixed steps so far, chunks of
-        prompts split over several steps, and ``busy_seconds``: the
+        prompts split over several steps, the prefix cache's blocks, bytes and prompt tokens looked up
+        and found (when on), and ``busy_seconds``: the
         loop's time spent working rather than waiting for requests (its share of wall time says
         whether the engine is the bottleneck)."""
         runner = self.runner
@@ -282,6 +289,7 @@ class Engine:
                 "steps": runner.steps,
                 "prefill_forwards": runner.prefill_forwards, "prefilled_requests": runner.prefilled_requests,
                 "mixed_steps": runner.mixed_steps_run, "prompt_chunks": runner.prompt_chunks,
+                **(self.prefix_cache.stats() if self.prefix_cache is not None else {}),
                 "busy_seconds": self.busy_seconds}
 
     def running_adapters(self) -> tuple[list[str], list[str]]:
@@ -323,6 +331,9 @@ class Engine:
             if stop:
                 self._cancel_all()
                 return False
+            if self.prefix_cache is not None and self.model.bank.layout_version != self._adapters_seen:
+                self.prefix_cache.clear()  # an adapter changed (maybe reloaded under its name)
+                self._adapters_seen = self.model.bank.layout_version
             self._drop_cancelled()
             if self.mixed_steps and (scheduler.running or scheduler.prefilling):
                 self._mixed_step()
@@ -343,7 +354,11 @@ class Engine:
             if not plan.admitted:
                 return
             live = self._start(plan.admitted)
-            self._finish_prefill(plan.admitted, self._prefill_whole(live))
+            continued = self._prefill_continued([row for row in live if row.prefilled])
+            caches = {id(row): cache for row, cache in continued}
+            whole = [row for row in live if id(row) not in caches]
+            caches.update(zip(map(id, whole), self._prefill_whole(whole), strict=True))
+            self._finish_prefill(plan.admitted, [caches.get(id(row)) for row in plan.admitted])
 
     def _mixed_step(self) -> None:
         """Decode the running rows and prefill the planned prompt chunks in ONE forward.
@@ -356,7 +371,9 @@ class Engine:
         plan = scheduler.plan_step()
         live = {id(row) for row in self._start(plan.admitted)}
         dead = [row for row in plan.admitted if id(row) not in live]
-        chunks = [c for c in plan.chunks if c.start or id(c.row) in live]
+        chunks = [c if c.start or not c.row.prefilled else Chunk(c.row, c.row.prefilled,
+                                                                 min(c.row.prefill_total, c.row.prefilled + c.size))
+                  for c in plan.chunks if c.start or id(c.row) in live]  # a cached prefix skips its blocks
         alone = [c.row for c in chunks if not c.row.packable]  # prefix / per-token rows: whole, alone
         mixed = [c for c in chunks if c.row.packable]
         running = list(scheduler.running)
@@ -369,7 +386,9 @@ class Engine:
             logger.warning("A mixed decode + prefill step failed (%s); prefilling the new requests on their own.",
                            error)
             for chunk in mixed:
-                if chunk.start or not chunk.last:
+                if chunk.start == chunk.row.cached_prefix and chunk.last:
+                    chunk.row.forget_prefill()  # only its cached prefix: prefilled whole instead
+                elif chunk.start or not chunk.last:
                     chunk.row.fail(error)
             self._separately(running, [c.row for c in mixed], alone, dead)
             return
@@ -416,11 +435,38 @@ class Engine:
                     continue
                 row.start_prefill()
                 self.runner.decide(row)
+                self._reuse_prefix(row)
                 live.append(row)
             except Exception as error:  # noqa: BLE001 - one bad request must not stop the others
                 logger.warning("Request %s failed before its prefill: %s", row.request_id, error)
                 row.fail(error)
         return live
+
+    def _reuse_prefix(self, row: Row) -> None:
+        """Start ``row``'s prefill after the longest prefix the cache holds for its routing."""
+        if self.prefix_cache is None or not row.chunkable:
+            return
+        found, kv = self.prefix_cache.lookup(row.request.prompt_ids, routing_key(row.route.linear,
+                                                                                  row.route.from_layer))
+        if found:
+            row.prefilled, row.prompt_kv, row.cached_prefix = found, kv, found
+
+    def _prefill_continued(self, rows: Sequence[Row]) -> list[tuple[Row, Any]]:
+        """Prefill the rest of prompts whose prefix came from the cache, in one forward with no
+        running row; returns the rows done, with their caches. If it fails, the rows forget their
+        prefix (to be prefilled whole)."""
+        if not rows:
+            return []
+        chunks = [Chunk(row, row.prefilled, row.prefill_total) for row in rows]
+        try:
+            _, logits, kvs = self.runner.mixed([], chunks)
+        except Exception as error:  # noqa: BLE001 - prefilled whole instead
+            logger.warning("Prefilling %d requests after their cached prefix failed (%s); prefilling them whole.",
+                           len(rows), error)
+            for row in rows:
+                row.forget_prefill()
+            return []
+        return self._accept_chunks(chunks, logits, kvs)
 
     def _prefill_whole(self, rows: Sequence[Row]) -> list[Any]:
         """Prefill ``rows``' whole prompts and pick each one's first token.
@@ -468,9 +514,13 @@ class Engine:
         return done
 
     def _finish_prefill(self, rows: Sequence[Row], caches: Sequence[Any]) -> None:
-        """``rows`` left the prefill; their live members (with a cache) join the batch."""
+        """``rows`` left the prefill; their live members (with a cache) join the batch, and the
+        prefix cache keeps their prompts' blocks."""
         members, member_caches = [], []
         for row, cache in zip(rows, list(caches) + [None] * (len(rows) - len(caches)), strict=True):
+            if cache is not None and self.prefix_cache is not None and row.chunkable:
+                self.prefix_cache.insert(row.request.prompt_ids, routing_key(row.route.linear, row.route.from_layer),
+                                         cache)
             for member in row.take_group():
                 if cache is not None and not member.finished:
                     members.append(member)

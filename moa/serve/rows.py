@@ -69,8 +69,9 @@ class Row:
         route: Its Linear-level routing.
         virtual: The input-level adapters' virtual input, or ``None``.
         output: Its tokens, text and ending.
-        prefilled: Prefill tokens run so far (chunked prefill).
-        prompt_kv: Their per-layer keys/values while the prefill is chunked.
+        prefilled: Prefill tokens whose keys/values exist (earlier chunks, a cached prefix).
+        prompt_kv: Their per-layer keys/values while the prefill is under way.
+        cached_prefix: Prompt tokens taken from the prefix cache.
     """
 
     def __init__(self, request: GenerationRequest, handle: RequestHandle, limits: OutputLimits, submitted: float):
@@ -87,6 +88,7 @@ class Row:
         self.output = OutputProcessor(request, handle, limits)
         self.prefilled = 0
         self.prompt_kv: RowKV | None = None
+        self.cached_prefix = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def request_id(self) -> str:
@@ -182,6 +184,10 @@ class Row:
         """Take the split of its mixture (:func:`moa.serve.virtual_rows.split_row`)."""
         self.route = RowRoute(inputs.linear, self.route.from_layer, self.route.per_token)
         self.virtual = inputs.virtual
+
+    def forget_prefill(self) -> None:
+        """Drop the keys/values prefilled so far (to prefill the prompt whole instead)."""
+        self.prefilled, self.prompt_kv, self.cached_prefix = 0, None, 0
 
     # -- tokens ----------------------------------------------------------------------------
 
