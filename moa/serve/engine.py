@@ -41,8 +41,6 @@ is running, at the cost of batching (measured in ``benchmarks/serve_load.py``).
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import logging
 import threading
 import time
@@ -52,6 +50,7 @@ from typing import Any, TypeVar
 import torch
 
 from moa.serve import mixed_step, virtual_rows
+from moa.serve.admin_calls import AdminCalls
 from moa.serve.handle import RequestHandle
 from moa.serve.model_runner import ModelRunner
 from moa.serve.openmp import release_idle_openmp_threads
@@ -60,7 +59,6 @@ from moa.serve.prefix_cache import PrefixCache, routing_key
 from moa.serve.requests import (
     BadRequestError,
     EngineDeadError,
-    EngineTimeoutError,
     GenerationRequest,
     UnknownModelError,
 )
@@ -127,7 +125,7 @@ class Engine:
         self.admin_timeout = float(admin_timeout)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if self.mixed_steps and prefix_cache_bytes > 0 else None
         self._adapters_seen = model.bank.layout_version  # the prefix cache is cleared when adapters change
-        self._admin: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._admin = AdminCalls(self.scheduler.cond)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._cancel_on_stop = False
@@ -176,9 +174,10 @@ class Engine:
         with cond:
             self._stopping = True
             self._cancel_on_stop = cancel
+            self._admin.close()
             cond.notify_all()
         if self._thread is None:
-            self._fail_admin(EngineDeadError("The engine was shut down before it started."))
+            self._admin.fail_all(EngineDeadError("The engine was shut down before it started."))
             return
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -254,22 +253,7 @@ class Engine:
         """
         if threading.current_thread() is self._thread or self._thread is None or not self._thread.is_alive():
             return fn()
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        cond = self.scheduler.cond
-        with cond:
-            if self._stopping or self._dead is not None:
-                raise EngineDeadError("The engine is shutting down; adapters can no longer be changed.")
-            self._admin.append((fn, future))
-            cond.notify_all()
-        wait = self.admin_timeout if timeout is None else timeout
-        try:
-            return future.result(wait)
-        except concurrent.futures.TimeoutError:
-            if future.cancel():  # not started: withdrawn, it will never run
-                raise EngineTimeoutError(
-                    f"The engine did not get to this adapter change within {wait:g} s (it is busy); nothing was "
-                    f"changed. Retry, or raise the admin timeout.") from None
-            return future.result()  # running now: it ends soon, between two steps
+        return self._admin.submit(fn, self.admin_timeout if timeout is None else timeout)
 
     def in_use(self) -> dict[str, int]:
         """Adapter -> number of waiting, prefilling and running requests that use it."""
@@ -277,11 +261,10 @@ class Engine:
 
     def stats(self) -> dict[str, float]:
         """Queue depth, requests prefilling (chunked) and running, batch size cap, admin calls
-        waiting, decode steps, prefill forwards (mixed steps included), mixed steps so far, chunks of
-        prompts split over several steps, the prefix cache's blocks, bytes and prompt tokens looked up
-        and found (when on), and ``busy_seconds``: the
-        loop's time spent working rather than waiting for requests (its share of wall time says
-        whether the engine is the bottleneck)."""
+        waiting, decode steps, prefill forwards (mixed steps included), mixed steps, chunks of
+        prompts split over several steps, the prefix cache's blocks, bytes and prompt tokens looked
+        up and found (when on), and ``busy_seconds``: the loop's time spent working rather than
+        waiting for requests (its share of wall time says whether the engine is the bottleneck)."""
         runner = self.runner
         with self.scheduler.cond:
             admin = len(self._admin)
@@ -314,20 +297,18 @@ class Engine:
             self._dead = error
             self._fail_all(EngineDeadError(f"The engine crashed: {error!r}"))
             return
-        self._fail_admin(EngineDeadError("The engine stopped before running this adapter change."))
+        self._admin.fail_all(EngineDeadError("The engine stopped before running this adapter change."))
 
     def _one_iteration(self) -> bool:
         scheduler = self.scheduler
         with scheduler.cond:
             while not (self._admin or scheduler.has_work() or self._stopping):
                 scheduler.cond.wait()
-            admin = list(self._admin)
-            self._admin.clear()
+            admin = self._admin.take()
             stop = self._stopping and (self._cancel_on_stop or not scheduler.has_work())
         started = time.perf_counter()  # work from here on; the wait above is idle time
         try:
-            for fn, future in admin:
-                _run_admin(fn, future)
+            self._admin.run(admin)
             if stop:
                 self._cancel_all()
                 return False
@@ -561,21 +542,4 @@ class Engine:
         for row in (member for row in rows for member in row.group()):
             if not row.handle.done:
                 row.handle.finish(None, error)
-        self._fail_admin(error)
-
-    def _fail_admin(self, error: BaseException) -> None:
-        with self.scheduler.cond:
-            admin = list(self._admin)
-            self._admin.clear()
-        for _, future in admin:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
-
-
-def _run_admin(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
-    if not future.set_running_or_notify_cancel():  # withdrawn by its caller (timed out)
-        return
-    try:
-        future.set_result(fn())
-    except BaseException as error:  # noqa: BLE001 - handed to the caller
-        future.set_exception(error)
+        self._admin.fail_all(error)
