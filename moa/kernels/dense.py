@@ -75,10 +75,23 @@ def _coefficients(stack: LoraStack, packed: PackedLora, meta: RoutingMetadata, d
     return meta.extra(("dense_coefficients", ranks, tuple(stack.scales), dtype), build)
 
 
-def _layout(packed: PackedLora, ranks: tuple[int, ...], meta: RoutingMetadata) -> tuple[list[int], list[int], bool]:
-    """Rank offsets, the routed slots that have weights (in slot order), and whether that is all of them."""
+def _layout(packed: PackedLora, ranks: tuple[int, ...], meta: RoutingMetadata
+            ) -> tuple[list[int], list[int], tuple[int, int] | None]:
+    """Rank offsets, the routed slots that have weights (in slot order), and their rows' span.
+
+    The span ``(first row, end row)`` is given when the routed adapters' rows are back to
+    back (no adapter that is loaded but not routed has rows between them): one shrink then
+    serves them all. It is decided from the routed adapters alone: loading an adapter (the
+    bank appends it) or removing one outside the span never changes a row's bits.
+    """
+    offsets = packed.rank_offsets.tolist()
     active = [slot for slot in meta.active_adapters if ranks[slot]]
-    return packed.rank_offsets.tolist(), active, len(active) == sum(1 for r in ranks if r)
+    if not active:
+        return offsets, active, None
+    routed = set(active)
+    between = [slot for slot in range(active[0], active[-1] + 1) if ranks[slot]]
+    span = (offsets[active[0]], offsets[active[-1] + 1]) if all(s in routed for s in between) else None
+    return offsets, active, span
 
 
 def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: torch.Tensor) -> torch.Tensor:
@@ -95,13 +108,13 @@ def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: to
     """
     packed = stack.packed()
     ranks = stack.ranks
-    offsets, active, everyone = meta.extra(("dense_layout", ranks), lambda: _layout(packed, ranks, meta))
+    offsets, active, span = meta.extra(("dense_layout", ranks), lambda: _layout(packed, ranks, meta))
     tracking = torch.is_grad_enabled()
     coefficients = _coefficients(stack, packed, meta, x.dtype)
-    # every adapter of the layer routed (a decode step): one shrink and one scaling over all
-    # the columns; else one per routed adapter, so unused adapters cost nothing (same bits
-    # per column: the products and the scaling are elementwise the same)
-    scaled = x @ packed.lora_a.t() * coefficients if everyone else None
+    # the routed adapters' rows back to back (a decode step): one shrink and one scaling over
+    # their columns; else one per routed adapter, so unused adapters cost nothing
+    low, high = span if span is not None else (0, 0)
+    scaled = x @ packed.lora_a[low:high].t() * coefficients[:, low:high] if span is not None else None
     cast = out.dtype != x.dtype
     # One expand per routed adapter over its own rank columns (not one over all columns: a
     # running sum over k is not bit-stable when zero columns are added, so a row's result
@@ -114,14 +127,14 @@ def lora_dense(x: torch.Tensor, stack: LoraStack, meta: RoutingMetadata, out: to
         # per-adapter products equal the loop's, and a sum over fewer than 16 adapters
         # runs in slot order, as the loop's running sum does
         per_adapter = torch.bmm(scaled.view(-1, len(active), rank).transpose(0, 1),
-                                packed.lora_b.view(len(active), rank, -1))
+                                packed.lora_b[low:high].view(len(active), rank, -1))
         delta = per_adapter.sum(0)
     else:
         delta = None
         for slot in active:
             start, end = offsets[slot], offsets[slot + 1]
             if scaled is not None:
-                h = scaled[:, start:end]
+                h = scaled[:, start - low:end - low]
             else:
                 h = x @ packed.lora_a[start:end].t() * coefficients[:, start:end]
             lora_b = packed.lora_b[start:end]

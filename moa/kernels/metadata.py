@@ -9,8 +9,10 @@ extended with a weight per pair so a token may mix k adapters.
 :class:`LoraStack` is one layer's view of the low-rank adapters, indexed by slot: the
 ``A``/``B`` tensors of each adapter (``None`` where the adapter does not touch this
 layer), its scale and rank. Ranks differ freely between adapters; nothing is padded.
-Backends that need contiguous buffers (Triton) build them once per stack version via
-:meth:`LoraStack.packed`.
+Backends that need contiguous buffers (Triton, the dense torch path) get them from
+:meth:`LoraStack.packed`: built once per stack version, and, for a stack given its layer's
+:class:`~moa.kernels.packed_buffers.PackedBuffers`, updated from the previous layout's
+buffers by copying only the rows of the adapters that came, went or changed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from moa.kernels.packed_buffers import PackedBuffers
 
 
 @dataclass
@@ -142,6 +146,8 @@ class LoraStack:
         scales: per slot scale (``alpha / r`` or ``alpha / sqrt(r)``), 0 where absent.
         in_features: ``H_in``.
         out_features: ``H_out``.
+        buffers: The layer's packed buffers, kept across layouts (``None``: :meth:`packed`
+            concatenates every adapter's weights into new buffers of this stack's own).
     """
 
     lora_a: list[torch.Tensor | None]
@@ -149,6 +155,7 @@ class LoraStack:
     scales: list[float]
     in_features: int
     out_features: int
+    buffers: PackedBuffers | None = field(default=None, repr=False)
     # (weights' version key, buffers): one value, so concurrent readers never pair the
     # buffers of one version with the key of another
     _packed: tuple[tuple, PackedLora] | None = field(default=None, repr=False)
@@ -197,14 +204,30 @@ class LoraStack:
         self._packed = (key, packed)
 
     def packed(self) -> PackedLora:
-        """Contiguous buffers, rebuilt only when a weight changed (training, loading)."""
-        key = self.weights_key()
+        """Contiguous buffers, rebuilt only when a weight changed (training, loading).
+
+        With :attr:`buffers`, the layer's buffers are brought up to date (only the rows that
+        differ from the last stack packed are copied) and viewed; else this stack's own are
+        built by concatenation. While autograd must reach the weights, a differentiable
+        concatenation is built for each call instead (never cached).
+        """
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in self.lora_a
         )
+        buffers = self.buffers if not needs_grad else None
+        weights = self.weights_key()
+        # the shared buffers may have been rewritten for another stack since: their
+        # generation is part of the key
+        key = weights if buffers is None else (weights, buffers.generation)
         cached = self._packed
         if cached is not None and cached[0] == key and not needs_grad:
             return cached[1]
+        if buffers is not None:
+            shared = buffers.packed(self)
+            if shared is not None:
+                generation, packed = shared
+                self._packed = ((weights, generation), packed)
+                return packed
         present = [(a, b) for a, b in zip(self.lora_a, self.lora_b, strict=True) if a is not None]
         dtype, device = (present[0][0].dtype, present[0][0].device) if present else (torch.float32, "cpu")
         if present:

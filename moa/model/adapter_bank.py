@@ -7,9 +7,11 @@ only place the layout of the adapters changes.
 Concurrency: calls of the model (``forward``/``generate``/``route``) hold the bank's
 *read* side for their whole duration, so any number of them run at once; ``install`` and
 ``remove`` take the *write* side and wait until the running calls finish. A slot index
-therefore means the same adapter from the start to the end of every call. Changing the
-bank from inside a call of the same thread (a router that loads an adapter, say) would
-wait forever, so it is refused with a clear error instead.
+therefore means the same adapter from the start to the end of every call. The lock is fair:
+a waiting change holds new calls back (steady traffic cannot starve a load or an eviction),
+and the calls that queued behind it go before the next change. Changing the bank from
+inside a call of the same thread (a router that loads an adapter, say) would wait forever,
+so it is refused with a clear error instead.
 """
 
 from __future__ import annotations
@@ -81,30 +83,52 @@ class BankBusyError(MoaError, RuntimeError):
     """The bank was changed from inside a call of the model on the same thread."""
 
 
-class _ReadWriteLock:
-    """Many readers or one writer; a thread may re-enter the read side (nested calls)."""
+class ReadWriteLock:
+    """Many readers or one writer, fair both ways; a thread may re-enter the read side.
+
+    Writer-fair: once a writer waits, threads that do not already read wait too, so a steady
+    stream of overlapping calls cannot keep a load or an eviction out forever (the readers
+    already inside finish, then the writer goes). Phase-fair the other way: the readers that
+    queued behind a writer go in when it is done, before the next writer, so a stream of
+    writers cannot starve the calls either.
+
+    A thread that already reads passes again at once (its nested calls must not queue behind
+    the writer that waits for it). One rule follows from writer fairness: a thread holding
+    the read side must not wait for *another* thread's read (a call it hands to a worker),
+    which would queue behind a waiting writer; moa never does that.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer: int | None = None
+        self._readers = 0  # threads inside the read side
+        self._writer: int | None = None  # thread inside the write side
+        self._writers_waiting = 0
+        self._readers_waiting = 0
+        # readers that queued behind the last writer and go in before the next one
+        self._admit_first = 0
+        self._phase = 0  # writes finished so far
         self._local = threading.local()
 
     def __reduce__(self) -> tuple:
         # a copied model (copy.deepcopy, pickling) gets a fresh, unheld lock
-        return (_ReadWriteLock, ())
+        return (ReadWriteLock, ())
 
     def held_for_reading(self) -> bool:
+        """Whether this thread is inside the read side."""
         return getattr(self._local, "depth", 0) > 0
+
+    @property
+    def writers_waiting(self) -> int:
+        """Writers queued for the write side now (they hold new readers back)."""
+        with self._cond:
+            return self._writers_waiting
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
+        """Hold the read side for the block (re-entrant on one thread)."""
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            with self._cond:
-                while self._writer is not None and self._writer != threading.get_ident():
-                    self._cond.wait()
-                self._readers += 1
+            self._acquire_read()
         self._local.depth = depth + 1
         try:
             yield
@@ -113,10 +137,37 @@ class _ReadWriteLock:
             if depth == 0:
                 with self._cond:
                     self._readers -= 1
-                    self._cond.notify_all()
+                    if self._readers == 0:
+                        self._cond.notify_all()
+
+    def _acquire_read(self) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me or (self._writer is None and self._writers_waiting == 0):
+                self._readers += 1  # the writer's own reads, or nobody in the way
+                return
+            phase = self._phase
+            self._readers_waiting += 1
+            try:
+                # go in once no writer holds the lock and either none waits, or one finished
+                # since this reader queued (then the readers queued behind it go first)
+                while self._writer is not None or (self._writers_waiting and self._phase == phase):
+                    self._cond.wait()
+            finally:
+                self._readers_waiting -= 1
+                if self._phase != phase and self._admit_first:
+                    self._admit_first -= 1
+                    if not self._admit_first:
+                        self._cond.notify_all()
+            self._readers += 1
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
+        """Hold the write side for the block (nobody reads meanwhile).
+
+        Raises:
+            BankBusyError: this thread holds the read side (waiting would never end).
+        """
         if self.held_for_reading():
             raise BankBusyError(
                 "Adapters cannot be added or removed from inside a call of the same model "
@@ -124,15 +175,25 @@ class _ReadWriteLock:
                 "after the call."
             )
         with self._cond:
-            while self._writer is not None or self._readers > 0:
-                self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer is not None or self._readers > 0 or self._admit_first > 0:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
             self._writer = threading.get_ident()
         try:
             yield
         finally:
             with self._cond:
                 self._writer = None
+                self._phase += 1
+                self._admit_first = self._readers_waiting
                 self._cond.notify_all()
+
+
+#: The former private name (pickled models made before the rename refer to it).
+_ReadWriteLock = ReadWriteLock
 
 
 class AdapterBank:
@@ -155,7 +216,7 @@ class AdapterBank:
         self.configs: dict[str, AdapterConfig] = {}
         self._names: tuple[str, ...] = ()
         self.layout_version = 0
-        self._lock = _ReadWriteLock()
+        self._lock = ReadWriteLock()
 
     # -- reading ---------------------------------------------------------------------------
 

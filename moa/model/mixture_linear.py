@@ -13,6 +13,7 @@ from moa.adapters.base import AdapterLayer, GroupedRows
 from moa.errors import AdapterShapeError
 from moa.kernels.autograd import lora_mixture
 from moa.kernels.metadata import LoraStack, RoutingMetadata
+from moa.kernels.packed_buffers import PackedBuffers
 from moa.model.call_routing import current_frame
 from moa.model.targets import linear_features
 
@@ -54,6 +55,9 @@ class MixtureLinear(nn.Module):
         # replaced as one value so a thread never sees a stack of one layout with the generic
         # slots of another
         self._cache: tuple[int, LoraStack, dict[int, AdapterLayer], dict[int, AdapterLayer]] | None = None
+        # the kernels' packed rows of this layer's adapters, kept across layouts: a load or an
+        # eviction copies the rows of the adapter that came or went, not every adapter's
+        self.packed_buffers = PackedBuffers(self.in_features, self.out_features)
 
     # -- the bank --------------------------------------------------------------------------
 
@@ -66,6 +70,8 @@ class MixtureLinear(nn.Module):
         if name in self.adapters:
             layer = self.adapters[name]
             del self.adapters[name]
+            if len(self.adapters) == 0:
+                self.packed_buffers.clear()  # no forward will ask for them again: free them now
             return layer
         return None
 
@@ -94,7 +100,7 @@ class MixtureLinear(nn.Module):
             lora_a.append(a)
             lora_b.append(b)
             scales.append(float(scale))
-        stack = LoraStack(lora_a, lora_b, scales, self.in_features, self.out_features)
+        stack = LoraStack(lora_a, lora_b, scales, self.in_features, self.out_features, buffers=self.packed_buffers)
         cache = (version, stack, generic, computed)
         self._cache = cache
         return cache
@@ -117,7 +123,7 @@ class MixtureLinear(nn.Module):
         lora_a, lora_b, scales = list(stack.lora_a), list(stack.lora_b), list(stack.scales)
         for slot, (a, b, scale) in fresh.items():
             lora_a[slot], lora_b[slot], scales[slot] = a, b, float(scale)
-        stack = LoraStack(lora_a, lora_b, scales, self.in_features, self.out_features)
+        stack = LoraStack(lora_a, lora_b, scales, self.in_features, self.out_features, buffers=self.packed_buffers)
         if self._cache is cache:  # unless the layout changed meanwhile: keep it for the next forward
             self._cache = (version, stack, generic, computed)
         return stack

@@ -110,6 +110,10 @@ def install_input_adapter(model: Any, name: str, adapter: Any) -> None:
     model.input_adapters.install(name, adapter, model.device, trainable=False, training=model.base_model.training)
 
 
+def _size(nbytes: int | None) -> str:
+    return "unknown" if not nbytes else f"{nbytes / (1 << 20):.1f} MiB"
+
+
 class AdapterCache:
     """Resident adapters of the served model, their sources, last use and LRU eviction.
 
@@ -198,6 +202,31 @@ class AdapterCache:
         """Adapters the model's router routes to (they must stay loaded for ``auto``)."""
         router = getattr(self.model, "router", None)
         return set(getattr(router, "gate_adapters", None) or ())
+
+    def size_from_memory(self, sources: Iterable[str] = ()) -> int:
+        """Set :attr:`max_loras` from the free memory and the largest adapter known; return it.
+
+        For ``moa serve`` without ``--max-loras`` (see :mod:`moa.serve.lora_budget`). The
+        largest adapter is the largest resident one (its weights in the model) or the
+        largest local folder among ``sources`` (its weight files); the result keeps room for
+        one adapter beside the pinned ones.
+
+        Args:
+            sources: Adapter sources known but maybe not loaded yet (folders are measured).
+        """
+        from moa.serve import lora_budget
+
+        sizes = [lora_budget.resident_adapter_bytes(self.model, name) for name in self.resident()]
+        sizes += [lora_budget.weight_file_bytes(source) for source in sources]
+        largest = max(sizes, default=0)
+        available = lora_budget.available_memory_bytes(self.model.device)
+        floor = len(self.pinned | self.router_adapters()) + 1
+        self.max_loras = lora_budget.default_max_loras(available, largest, floor=floor)
+        logger.info(
+            "max_loras=%d (not given: sized from %s free on %s and the largest adapter's %s, at most %d; "
+            "--max-loras N sets it, --max-loras 0 lifts the limit).", self.max_loras,
+            _size(available), self.model.device, _size(largest), max(floor, lora_budget.DEFAULT_MAX_LORAS_CAP))
+        return self.max_loras
 
     # -- use -------------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ in use, 413 beyond ``max_request_bytes``, 429 with ``Retry-After`` when the queu
 503 when the engine is dead.
 
 The app never runs the model itself: requests go to the engine (``submit``), adapter
-changes through the cache (which runs them on the engine thread). It only tokenizes.
+changes through the cache (which runs them on the engine thread). It only tokenizes, and
+that runs on a few worker threads of its own (:data:`TOKENIZER_THREADS`), never on the
+event loop: a body of up to ``max_request_bytes`` (1 MiB by default) takes a tokenizer
+and a chat template long enough to stall every other connection (``/health`` included).
 
 Example::
 
@@ -21,12 +24,17 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hmac
 import json
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,6 +66,13 @@ logger = logging.getLogger(__name__)
 
 #: Default cap on a request body (1 MiB): prompts beyond it are refused with 413.
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+#: Worker threads that tokenize prompts and apply chat templates (per app). Bounded: more
+#: would only contend for the CPU with the engine thread.
+TOKENIZER_THREADS = 4
+#: Name prefix of those threads.
+TOKENIZER_THREAD_PREFIX = "moa-tokenize"
+
+_T = TypeVar("_T")
 
 
 class UnauthorizedError(ServeError):
@@ -185,7 +200,18 @@ def create_app(
         )
     metrics = metrics or ServeMetrics(max_loras=adapter_cache.max_loras)
     names = ModelNames(served_model_name, model, adapter_cache)
-    app = FastAPI(title="moa serve", version=_package_version(), docs_url=None, redoc_url=None)
+    tokenizing = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix=TOKENIZER_THREAD_PREFIX)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    async def off_loop(function: Callable[..., _T], *args: Any) -> _T:
+        """``function(*args)`` on a tokenizer thread (the event loop serves others meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, functools.partial(function, *args))
+
+    app = FastAPI(title="moa serve", version=_package_version(), docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine, app.state.model, app.state.adapter_cache = engine, model, adapter_cache
     app.state.metrics, app.state.names = metrics, names
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
@@ -253,15 +279,21 @@ def create_app(
     @v1.post("/completions")
     async def completions(request: Request, body: protocol.CompletionRequest) -> Response:
         """OpenAI's text completions (``prompt``: one or several), streamed or not."""
-        prompts = [completion_prompt_ids(model, p.text, p.token_ids) for p in body.prompts()]
-        texts = [p.text if p.text is not None else prompt_text(model, ids) for p, ids in
-                 zip(body.prompts(), prompts, strict=True)] if body.echo else None
+        given = body.prompts()
+
+        def encode() -> tuple[list[list[int]], list[str] | None]:
+            prompts = [completion_prompt_ids(model, p.text, p.token_ids) for p in given]
+            texts = [p.text if p.text is not None else prompt_text(model, ids) for p, ids in
+                     zip(given, prompts, strict=True)] if body.echo else None
+            return prompts, texts
+
+        prompts, texts = await off_loop(encode)
         return await submit(request, body, "completion", prompts, texts)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request, body: protocol.ChatCompletionRequest) -> Response:
         """OpenAI's chat completions (``messages``, the base's chat template), streamed or not."""
-        prompt_ids = chat_prompt_ids(model, body.message_dicts())
+        prompt_ids = await off_loop(chat_prompt_ids, model, body.message_dicts())
         return await submit(request, body, "chat", [prompt_ids])
 
     @v1.get("/models")
