@@ -46,6 +46,25 @@ def parse_lora_modules(pairs: list[str]) -> dict[str, str]:
     return modules
 
 
+def max_loras_arg(text: str) -> int:
+    """``--max-loras``: a count >= 1, or ``0`` / ``none`` / ``unlimited`` for no limit (returned as 0).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    value = text.strip().lower()
+    if value in ("none", "unlimited"):
+        return 0
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected a count of adapters (1, 2, ...) or 0/none for no limit; "
+                                         f"got {text!r}")
+    return count
+
+
 def _require_serving_deps() -> None:
     missing = []
     for module in ("fastapi", "uvicorn", "prometheus_client"):
@@ -103,16 +122,23 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     deterministic=args.deterministic, mixed_steps=not args.separate_prefill,
                     max_prompt_tokens=args.max_prompt_tokens,
-                    max_prefill_tokens=args.max_prefill_tokens)
-    cache = AdapterCache(engine, model, max_loras=args.max_loras, allow_runtime_loading=args.allow_runtime_loading,
-                         pinned=set(routed))
+                    max_prefill_tokens=args.max_prefill_tokens, max_step_tokens=args.max_step_tokens,
+                    prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+    sized = args.max_loras is not None  # not given: sized from memory once an adapter is in (0: no limit)
+    cache = AdapterCache(engine, model, max_loras=args.max_loras or None,
+                         allow_runtime_loading=args.allow_runtime_loading, pinned=set(routed))
     order = routed + [n for n in modules if n not in routed]  # the router's adapters first: pinned, resident
     for name in order:
-        if args.max_loras is None or len(cache.resident()) < args.max_loras or name in routed:
+        if not sized and name not in routed and cache.resident():
+            cache.size_from_memory(modules.values())
+            sized = True
+        if cache.max_loras is None or len(cache.resident()) < cache.max_loras or name in routed:
             record = cache.load(name, modules[name], startup=True)
             logger.info("Adapter %s: %s (%.2f s).", name, modules[name], record.load_seconds)
         else:
             cache.register(name, modules[name], startup=True)  # loads when first asked for
+    if not sized:
+        cache.size_from_memory(modules.values())
     if router is not None:
         model.set_router(router)
     engine.start()
@@ -126,6 +152,8 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM, then drain and stop."""
     _require_serving_deps()
+    if getattr(args, "backend", "local") == "ray":
+        return _serve_on_ray(args)
     server, engine, app = build_server(args)
     names = app.state.names
     print(f"moa serve: http://{args.host}:{args.port}/v1  models: {', '.join(names.choices())}", flush=True)
@@ -137,6 +165,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     args.shutdown_timeout)
         engine.shutdown(timeout=args.shutdown_timeout)
     return 0
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    """``--backend ray``: the same server as Ray Serve replicas (:mod:`moa.serve.ray_app`)."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "moa serve --backend ray needs Ray Serve, which is not installed. Run: pip install 'moa[serve,ray]'."
+        ) from None
+    from moa.serve.ray_app import serve_on_ray
+
+    return serve_on_ray(args)
 
 
 def _note_signals() -> list[int]:
@@ -192,9 +233,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together at each step, at most (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch slot, at most; more get 429 with Retry-After (default %(default)s)")
-    p.add_argument("--max-loras", type=int, default=None,
+    p.add_argument("--max-loras", type=max_loras_arg, default=None, metavar="N",
                    help="adapters resident in the model at once; more are evicted least-recently-used first "
-                        "(pinned: the router's) and reloaded when a request names them (default: no limit)")
+                        "(pinned: the router's) and reloaded when a request names them. Default: sized from "
+                        "the memory free at start (a quarter of it, counting 3x the largest adapter's weights "
+                        "per adapter), at most 64, and logged; 0 or 'none': no limit")
     p.add_argument("--allow-runtime-loading", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM's "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
@@ -204,14 +247,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prefill and decode each request alone: answers bit-identical to model.generate of that request, "
                         "at the cost of batching")
     p.add_argument("--separate-prefill", action="store_true",
-                   help="prefill requests that arrive while others decode in a forward of their own, instead of "
-                        "inside the next decode step's forward (the default, as vLLM's chunked prefill; measured "
-                        "in benchmarks/serve_load.py)")
+                   help="prefill requests that arrive while others decode in forwards of their own, instead of "
+                        "in chunks inside the running rows' decode steps (the default, as vLLM's chunked prefill; "
+                        "also turns prefix caching off)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the base's context minus 1); longer get 400")
     p.add_argument("--max-prefill-tokens", type=int, default=2048,
-                   help="prompt tokens of newly admitted requests prefilled together in one forward, at "
-                        "most; lower it to shorten the pause new requests cause the running ones (default %(default)s)")
+                   help="prompt tokens prefilled together in one packed forward when no request is decoding "
+                        "(default %(default)s)")
+    p.add_argument("--max-step-tokens", type=int, default=128,
+                   help="tokens of one step while requests decode: one per decoding request, the rest for chunks "
+                        "of arriving prompts (a longer prompt is spread over several steps, so the running "
+                        "requests keep their pace; vLLM's max_num_batched_tokens) (default %(default)s)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="MiB of prompt-prefix keys/values kept for reuse by later requests with the same "
+                        "prefix and the same routing (0: off) (default %(default)s)")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                    help="largest request body accepted, in bytes; larger get 413 (default %(default)s)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -219,4 +269,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default %(default)s)")
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local (default): one engine in this process; ray: --replicas engines as Ray Serve "
+                        "replicas behind one endpoint, each request routed to a replica holding its adapters "
+                        "(a local Ray, or the cluster in RAY_ADDRESS; needs the ray extra; docs/scaling.md)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="with --backend ray: engine replicas (each loads the base; default %(default)s)")
     p.set_defaults(func=cmd_serve)

@@ -104,7 +104,7 @@ class Engine:
         mixed_steps: bool = True,
         max_prompt_tokens: int | None = None,
         max_prefill_tokens: int = 2048,
-        max_step_tokens: int = 256,
+        max_step_tokens: int = 128,
         admin_timeout: float = ADMIN_TIMEOUT,
         prefix_cache_bytes: int = 256 * 2**20,
     ):

@@ -111,7 +111,7 @@ class Scheduler:
     """
 
     def __init__(self, *, max_batch_size: int = 16, max_queue: int = 64, max_prefill_tokens: int = 2048,
-                 max_step_tokens: int = 256, one_at_a_time: bool = False):
+                 max_step_tokens: int = 128, one_at_a_time: bool = False):
         for name, value in (("max_batch_size", max_batch_size), ("max_prefill_tokens", max_prefill_tokens),
                             ("max_step_tokens", max_step_tokens)):
             if value < 1:
