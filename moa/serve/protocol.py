@@ -349,6 +349,10 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     param = None
     for error in errors[:5]:
         location = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if error.get("type") == "json_invalid":  # its location is a character offset, not a field
+            at = f" at character {location[0]}" if location else ""
+            parts.append(f"body: not valid JSON{at} ({error.get('msg', 'invalid JSON')})")
+            continue
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, FieldError | BadRequestError) and getattr(cause, "param", None):
             location = [cause.param, *location]

@@ -197,7 +197,8 @@ def test_bad_bodies_are_400_in_openai_shape(main_stack, body, param):
 def test_invalid_json_and_unknown_fields(main_stack):
     auth = {"Authorization": f"Bearer {API_KEY}"}
     status, _, raw = main_stack.http("POST", "/v1/completions", raw=b"{not json", headers=auth)
-    assert status == 400 and "error" in json.loads(raw)
+    error = json.loads(raw)["error"]
+    assert status == 400 and "not valid JSON at character 1" in error["message"] and error["param"] is None
     status, _, raw = main_stack.http("POST", "/v1/completions", {"model": "sql", "prompt": "x", "max_tokens": 1,
                                                                   "frequency_penalty": 0, "tools": None},
                                      headers=auth)
