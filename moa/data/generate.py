@@ -5,6 +5,7 @@ Usage::
     python -m moa.data.generate            # rewrite moa/data/files/<domain>/<split>.jsonl
     python -m moa.data.generate --check    # regenerate into a temp dir, compare sha256s (exit 1 on mismatch)
     python -m moa.data.generate --domain sql --check
+    python -m moa.data.generate --domain robust   # files/robust/<domain>/{train,dev}.jsonl (reads the others)
 
 Generating needs the ``data`` extra (``pip install 'moa[data]'``: num2words, babel,
 simple-icd-10-cm at pinned versions, since their output is the data).
@@ -19,15 +20,21 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moa.data.common import COMPOSITE, DOMAINS, SLOTS, UnknownDatasetError, write_jsonl
 from moa.data.loading import files_root
+from moa.data.robust import ROBUST
 from moa.errors import format_choices
+
+if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; importlib.abc has it on 3.10
+    from importlib.abc import Traversable
 
 logger = logging.getLogger(__name__)
 
-GENERATED: tuple[str, ...] = (*DOMAINS, COMPOSITE, SLOTS)
-"""Everything :func:`regenerate` can write: the domains, the composite set and the slot tasks."""
+GENERATED: tuple[str, ...] = (*DOMAINS, COMPOSITE, SLOTS, ROBUST)
+"""Everything :func:`regenerate` can write: the domains, the composite set, the slot tasks and the
+robust mixes (last: they are built from the committed files of the others)."""
 
 
 def regenerate(domain: str, out_dir: str | Path) -> dict[str, str]:
@@ -38,7 +45,8 @@ def regenerate(domain: str, out_dir: str | Path) -> dict[str, str]:
         out_dir: Root folder; ``moa/data/files`` rewrites the committed data.
 
     Returns:
-        split -> sha256 of the written file.
+        split -> sha256 of the written file (``"<domain>/<split>"`` for the robust mixes, whose
+        files are ``out_dir/robust/<domain>/<split>.jsonl``).
 
     Raises:
         UnknownDatasetError: Unknown domain.
@@ -55,13 +63,23 @@ def regenerate(domain: str, out_dir: str | Path) -> dict[str, str]:
 
 
 def committed_hashes(domain: str) -> dict[str, str]:
-    """split -> sha256 of the committed file of ``domain`` (missing files are left out)."""
+    """split -> sha256 of the committed files of ``domain`` (missing files are left out).
+
+    Files in subfolders (the robust mixes' ``robust/<domain>/<split>.jsonl``) are keyed
+    ``"<subfolder>/<split>"``, as :func:`regenerate` returns them.
+    """
+    out: dict[str, str] = {}
+
+    def walk(folder: Traversable, prefix: str) -> None:
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.is_dir():
+                walk(entry, f"{prefix}{entry.name}/")
+            elif entry.name.endswith(".jsonl"):
+                out[prefix + entry.name[: -len(".jsonl")]] = hashlib.sha256(entry.read_bytes()).hexdigest()
+
     folder = files_root() / domain
-    out = {}
-    for name in ("train", "dev", "test"):
-        resource = folder / f"{name}.jsonl"
-        if resource.is_file():
-            out[name] = hashlib.sha256(resource.read_bytes()).hexdigest()
+    if folder.is_dir():
+        walk(folder, "")
     return out
 
 

@@ -1,6 +1,8 @@
 """Adapter SFT on ``transformers.Trainer``: LoRA on a dense base, or QLoRA on the NF4 base.
 
-The loss is on the answer only (the chat template of :func:`moa.data.chat.encode_sft_example`);
+The loss is on the answer only (the chat template of :func:`moa.data.chat.encode_sft_example`),
+or on the parts of it an example's ``meta["loss_spans"]`` names (:func:`encode_training_example`:
+a segment after a foreign prefix, written by another adapter, is context, not target);
 only the adapter being trained has ``requires_grad``. :class:`moa.train.trainer.MixtureTrainer`
 brings Trainer's gradient accumulation, checkpoints (adapter tensors + optimizer, scheduler and
 RNG state) and resuming, ``optim`` (``adamw_torch``, ``adamw_bnb_8bit``, paged AdamW on CUDA),
@@ -34,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from moa.atomic import atomic_write_bytes
-from moa.data.chat import encode_sft_example, ensure_pad_token, pad_batch
+from moa.data.chat import encode_sft_example, end_of_turn, ensure_pad_token, pad_batch
 from moa.train.extensions import adapter_training_extension
 from moa.train.trainer import (
     MixtureTrainer,
@@ -53,10 +55,65 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class TextPair(Protocol):
-    """Anything with a ``prompt`` and an ``answer`` (``moa.data.Example`` qualifies)."""
+    """Anything with a ``prompt`` and an ``answer`` (``moa.data.Example`` qualifies).
+
+    An optional ``meta`` dict may carry ``loss_spans`` (see :func:`encode_training_example`).
+    """
 
     prompt: str
     answer: str
+
+
+#: ``meta`` key of the answer's character ranges that carry the loss (the rest is context).
+LOSS_SPANS = "loss_spans"
+
+
+def loss_span_mask(tokenizer: Any, answer: str, spans: Sequence[Sequence[int]]) -> list[bool]:
+    """Which tokens of ``answer + end-of-turn`` carry the loss, given character ranges of ``answer``.
+
+    A token is trained when its first character lies in a span ``[start, end)``; the
+    end-of-turn token when a span ends at the answer's end. This is the ownership rule of
+    the oracle switch (:func:`moa.eval.teacher_forced.token_owners`: a token belongs to the
+    segment holding its first character, the end token to the last segment), so an adapter
+    is trained on exactly the positions the oracle switch would route to it.
+
+    Raises:
+        ValueError: A span outside the answer or empty, or spans that train no token.
+    """
+    checked = []
+    for span in spans:
+        start, end = int(span[0]), int(span[1])
+        if not 0 <= start < end <= len(answer):
+            raise ValueError(f"Loss span {[start, end]} is not a non-empty range of the {len(answer)}-character "
+                             f"answer {answer[:40]!r}.")
+        checked.append((start, end))
+    encoded = tokenizer(answer + end_of_turn(tokenizer), add_special_tokens=False, return_offsets_mapping=True)
+    reaches_end = any(end == len(answer) for _, end in checked)
+    mask = [any(start <= first < end for start, end in checked) or (first >= len(answer) and reaches_end)
+            for first, _last in encoded["offset_mapping"]]
+    if not any(mask):
+        raise ValueError(f"Loss spans {checked} of the answer {answer[:40]!r} cover no token's first character.")
+    return mask
+
+
+def encode_training_example(tokenizer: Any, example: TextPair, max_length: int = 1024) -> tuple[list[int], list[int]]:
+    """:func:`moa.data.chat.encode_sft_example`, with the loss limited to ``meta["loss_spans"]`` if given.
+
+    Without ``loss_spans`` every answer token and the end-of-turn token are trained. With
+    them (``[[start, end], ...]``, character offsets into the answer), the other answer
+    tokens get label ``-100``: they stay in the input as context (a foreign prefix in the
+    assistant turn, a frame another adapter writes) but carry no loss.
+
+    Returns:
+        ``(input_ids, labels)``, equal length.
+    """
+    ids, labels = encode_sft_example(tokenizer, example.prompt, example.answer, max_length)
+    spans = (getattr(example, "meta", None) or {}).get(LOSS_SPANS)
+    if spans is None:
+        return ids, labels
+    mask = loss_span_mask(tokenizer, example.answer, spans)
+    head = len(labels) - len(mask)  # the answer's tokens are the last ones (only the prompt is ever cut)
+    return ids, labels[:head] + [label if keep else -100 for label, keep in zip(labels[head:], mask)]
 
 
 @dataclasses.dataclass
@@ -231,7 +288,8 @@ def train_adapter(
     Args:
         model: A :class:`moa.MixtureModel` holding the adapter (dense or NF4 base).
         adapter_name: The adapter to train; all other parameters stay frozen.
-        train_examples: Objects with ``prompt`` and ``answer``.
+        train_examples: Objects with ``prompt`` and ``answer`` (and optionally ``meta["loss_spans"]``,
+            see :func:`encode_training_example`).
         config: Hyper-parameters (defaults: :class:`SFTConfig`).
         dev_examples: Optional examples (``moa.data.Example``) for a dev accuracy.
         output_dir: Where rank 0 saves the PEFT adapter and ``train_metrics.json``.
@@ -254,7 +312,7 @@ def train_adapter(
         logger.warning("train_adapter: the accelerator argument is ignored (transformers.Trainer makes its own).")
     tokenizer = model.tokenizer
     ensure_pad_token(tokenizer)
-    encoded = [encode_sft_example(tokenizer, e.prompt, e.answer, config.max_length) for e in train_examples]
+    encoded = [encode_training_example(tokenizer, e, config.max_length) for e in train_examples]
     params = adapter_parameters(model, adapter_name)
     for p in params:
         p.requires_grad_(True)
