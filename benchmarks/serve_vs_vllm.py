@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import signal
 import statistics
 import subprocess
@@ -352,7 +353,7 @@ class PromptPool:
 
 
 def start_servers(names: list[str], log_dir: Path, vllm_venv: Path, vllm_env: dict[str, str],
-                  moa_env: dict[str, str]) -> list[ServerProcess]:
+                  moa_env: dict[str, str], moa_args: list[str] | None = None) -> list[ServerProcess]:
     """Start the named servers (vLLM only when its venv exists), each ready on return."""
     from moa.eval.assets import adapter_folders, shipped_adapters_dir
     from moa.model.default_base import default_base_path
@@ -369,7 +370,7 @@ def start_servers(names: list[str], log_dir: Path, vllm_venv: Path, vllm_env: di
                                                log_path=log_dir / "vllm.log", env=vllm_env)
         else:
             quantization = "none" if name == "moa-fp32" else "nf4"
-            server = MoaServer(["--quantization", quantization, *common], name=name, log_path=log_dir / f"{name}.log",
+            server = MoaServer(["--quantization", quantization, *common, *(moa_args or [])], name=name, log_path=log_dir / f"{name}.log",
                                env=moa_env)
         print(f"starting {name} ...", flush=True)
         started.append(server.__enter__())
@@ -393,6 +394,8 @@ def main() -> None:
     parser.add_argument("--vllm-venv", type=Path, default=VLLM_VENV)
     parser.add_argument("--vllm-env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more environment for vllm serve (e.g. VLLM_CPU_OMP_THREADS_BIND=0-1)")
+    parser.add_argument("--moa-args", default="", metavar="'ARGS'",
+                        help="more moa serve arguments, as one string: --moa-args='--max-step-tokens 64'")
     parser.add_argument("--moa-env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more environment for moa serve (e.g. OMP_NUM_THREADS=1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 4 clients, 4 requests, one round")
@@ -410,7 +413,7 @@ def main() -> None:
     pooled: dict[tuple[str, int], list[tuple[list[dict[str, Any]], float]]] = {}
     scenario: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="moa-vs-vllm-") as tmp:
-        servers = start_servers(args.servers, Path(tmp), args.vllm_venv, vllm_env, moa_env)
+        servers = start_servers(args.servers, Path(tmp), args.vllm_venv, vllm_env, moa_env, shlex.split(args.moa_args))
         try:
             idle = idle_cpu_shares(servers)
             print(f"idle CPU use (share of one CPU): {idle}", flush=True)
@@ -478,6 +481,7 @@ def write(args: argparse.Namespace, pooled: dict[tuple[str, int], list[tuple[lis
         "servers": names, "clients": args.clients, "rounds": args.rounds, "max_tokens": args.max_tokens,
         "fixed_length": args.fixed_length, "quick": args.quick, "vllm_env": args.vllm_env,
         "moa_env": args.moa_env,
+        "moa_args": args.moa_args,
         "machine": platform.platform(), "cpus": os.cpu_count(), "idle_cpu_share": idle, "rows": rows,
         "ratios": ratios, "long_prompt": long_prompt, "long_prompt_rounds": scenario}, indent=2))
     print(f"wrote {args.out}")
