@@ -16,34 +16,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from moa.errors import AdapterFormatError, MissingDependencyError
+from moa.errors import MissingDependencyError
+from moa.serve.launch import default_modules, load_router, parse_lora_modules, served_name
 
 logger = logging.getLogger(__name__)
 
 #: Default of ``--max-request-bytes``; the same as ``moa.serve.app.DEFAULT_MAX_REQUEST_BYTES``
 #: (not imported: ``moa --help`` must work without the serve extra).
 MAX_REQUEST_BYTES = 1 << 20
-
-
-def parse_lora_modules(pairs: list[str]) -> dict[str, str]:
-    """``["sql=path", "code=alice/code@v1"]`` -> ``{"sql": "path", "code": "alice/code@v1"}``.
-
-    Raises:
-        AdapterFormatError: an entry without ``=``, or a name given twice.
-    """
-    modules: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, source = pair.partition("=")
-        name, source = name.strip(), source.strip()
-        if not sep or not name or not source:
-            raise AdapterFormatError(
-                f"--lora-modules entry {pair!r} must look like NAME=SOURCE, e.g. sql=./adapters/sql, "
-                f"code=alice/code-lora@v1 or icd=icd (a registry name)."
-            )
-        if name in modules:
-            raise AdapterFormatError(f"--lora-modules names {name!r} twice ({modules[name]!r} and {source!r}).")
-        modules[name] = source
-    return modules
 
 
 def max_loras_arg(text: str) -> int:
@@ -78,31 +58,11 @@ def _require_serving_deps() -> None:
         )
 
 
-def default_modules() -> tuple[dict[str, str], Path]:
-    """The shipped demo adapters ``{name: folder}`` and the shipped gate's folder."""
-    from moa.eval.assets import adapter_folders, router_dir, shipped_adapters_dir
-
-    shipped = shipped_adapters_dir()
-    return {name: str(folder) for name, folder in adapter_folders(shipped).items()}, router_dir(shipped)
-
-
-def served_name(args: argparse.Namespace) -> str:
-    """``--served-model-name``, else a readable name of ``--base``."""
-    if args.served_model_name:
-        return str(args.served_model_name)
-    if args.base == "default":
-        from moa.model.default_base import DEFAULT_BASE_ID
-
-        return DEFAULT_BASE_ID.split("/")[-1]
-    return Path(str(args.base).rstrip("/")).name if Path(args.base).is_dir() else str(args.base)
-
-
 def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """Load everything and return ``(uvicorn.Server, engine, app)`` (the engine started)."""
     import uvicorn
 
     import moa
-    from moa.hub.pull import load_router_folder
     from moa.serve.adapter_cache import AdapterCache
     from moa.serve.app import create_app
     from moa.serve.engine import Engine
@@ -110,14 +70,8 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     modules, router_folder = default_modules() if not args.lora_modules else (parse_lora_modules(args.lora_modules), None)
     if args.router:
         router_folder = Path(args.router)
-    router = None if args.no_router or router_folder is None else load_router_folder(router_folder)
-    routed = list(getattr(router, "gate_adapters", None) or [])
-    missing = [n for n in routed if n not in modules]
-    if missing:
-        raise AdapterFormatError(
-            f"The router routes to {missing}, which are not among the adapters served ({sorted(modules)}). "
-            f"Add them with --lora-modules NAME=SOURCE, or pass --no-router."
-        )
+    router, routed = load_router(None if args.no_router else router_folder, modules,
+                                 "Add them with --lora-modules NAME=SOURCE, or pass --no-router.")
     model = moa.MixtureModel.from_pretrained(args.base, quantization=None if args.quantization == "none" else "nf4")
     engine = Engine(model, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     deterministic=args.deterministic, mixed_steps=not args.separate_prefill,
@@ -142,7 +96,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if router is not None:
         model.set_router(router)
     engine.start()
-    app = create_app(engine, model, cache, served_model_name=served_name(args), api_key=args.api_key,
+    app = create_app(engine, model, cache, served_model_name=served_name(args.served_model_name, args.base), api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes, allow_runtime_loading=args.allow_runtime_loading)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
@@ -177,7 +131,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         ) from None
     from moa.serve.ray_app import serve_on_ray
 
-    return serve_on_ray(args)
+    return serve_on_ray(args, announce=lambda line: print(line, flush=True))
 
 
 def _note_signals() -> list[int]:

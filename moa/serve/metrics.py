@@ -6,17 +6,27 @@ refreshed from the engine and the adapter cache at every scrape of ``/metrics``.
 Prometheus' standard ``process_resident_memory_bytes`` and ``moa_process_pss_bytes`` (the
 proportional set size, the fair measure when processes share pages).
 
-``vllm:lora_requests_info`` has vLLM's exact shape, so LoRA-aware gateways (the Gateway
-API inference extension, llm-d) read it as they read vLLM's: labels ``max_lora``,
-``running_lora_adapters`` and ``waiting_lora_adapters`` (comma-separated adapter names),
-value = the Unix time of the update (``set_to_current_time``); consumers take the series
-with the newest value. Unlike vLLM, older label sets are dropped at each update, so the
-series count stays at one.
+``vllm:lora_requests_info`` has vLLM's exact semantics, so LoRA-aware gateways (the Gateway
+API Inference Extension's endpoint picker, llm-d) read it as they read vLLM's:
+
+* labels ``running_lora_adapters`` and ``waiting_lora_adapters``: the adapters of the running
+  and of the waiting requests, comma-joined (sorted; ``""`` when none) — a mixture's row counts
+  each of its adapters; ``max_lora``: how many adapters the server holds at once (the adapter
+  cache's ``max_loras``; without a limit, the number of adapters it may load);
+* value: the Unix time the label set was last updated (vLLM's ``set_to_current_time``);
+* always present, one series even when nothing runs (both adapter labels ``""``).
+
+The picker keeps the series with the largest value and skips those whose two adapter labels
+are empty ("use the last set of active adapters"). vLLM keeps every label set it ever set,
+so that last active set is still there when the server goes idle; moa keeps exactly that
+one instead of all of them: at each update the series are the current label set and, while
+it is empty, the last non-empty one with the time it was last seen. So at most two series.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -42,8 +52,8 @@ class ServeMetrics:
     """Every metric of one server.
 
     Args:
-        max_loras: The adapter cache's capacity (``None``: no limit; reported as the number
-            of resident adapters in ``vllm:lora_requests_info``'s ``max_lora`` label).
+        max_loras: ``vllm:lora_requests_info``'s ``max_lora`` when :meth:`refresh` gets no
+            adapter cache (with one, the cache's live value is reported).
     """
 
     def __init__(self, max_loras: int | None = None) -> None:
@@ -89,6 +99,7 @@ class ServeMetrics:
         self.pss.set_function(proportional_set_size_bytes)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
+        self._last_active: tuple[dict[str, str], float] | None = None  # labels, time last seen
 
     # -- per request -----------------------------------------------------------------------
 
@@ -130,17 +141,34 @@ class ServeMetrics:
             self.load_seconds.clear()
             for name, seconds in cache.load_seconds().items():
                 self.load_seconds.labels(name).set(seconds)
-            max_lora = max_lora if max_lora is not None else len(resident)
+            max_lora = _max_lora(cache, resident)
+        self.set_lora_info(running_adapters, waiting_adapters, max_lora or 0)
+
+    def set_lora_info(self, running: Sequence[str], waiting: Sequence[str], max_lora: int,
+                      now: float | None = None) -> None:
+        """Update ``vllm:lora_requests_info`` (see the module docstring) to this state, at ``now``
+        (default: the current Unix time)."""
+        now = time.time() if now is None else now
+        labels = {"max_lora": str(max_lora), "waiting_lora_adapters": ",".join(waiting),
+                  "running_lora_adapters": ",".join(running)}
         self.lora_info.clear()
-        self.lora_info.labels(
-            max_lora=str(max_lora if max_lora is not None else 0),
-            waiting_lora_adapters=",".join(waiting_adapters),
-            running_lora_adapters=",".join(running_adapters),
-        ).set_to_current_time()
+        if running or waiting:
+            self._last_active = (labels, now)
+        elif self._last_active is not None:  # idle: the picker reads the last active set
+            last, seen = self._last_active
+            self.lora_info.labels(**last).set(seen)
+        self.lora_info.labels(**labels).set(now)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+def _max_lora(cache: Any, resident: Sequence[str]) -> int:
+    """``max_lora``: the cache's ``max_loras``; without a limit, every adapter it may load."""
+    if cache.max_loras is not None:
+        return int(cache.max_loras)
+    return max(len(resident), len(cache.registered()))
 
 
 def _adapters_by_state(engine: Any) -> tuple[list[str], list[str]]:

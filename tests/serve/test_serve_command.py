@@ -31,7 +31,8 @@ def test_help_lists_every_option():
 
 
 def test_parse_lora_modules_and_defaults():
-    from moa.commands.serve import MAX_REQUEST_BYTES, default_modules, parse_lora_modules
+    from moa.commands.serve import MAX_REQUEST_BYTES
+    from moa.serve.launch import default_modules, parse_lora_modules
     from moa.errors import AdapterFormatError
     from moa.serve.app import DEFAULT_MAX_REQUEST_BYTES
 
