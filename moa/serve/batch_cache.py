@@ -74,6 +74,8 @@ def layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 #: Spare columns a new buffer gets on each side, and the least a full one grows by.
 _SPARE_COLUMNS = 64
+#: Slots a buffer keeps at least when it shrinks.
+_MIN_SLOTS = 8
 
 
 class SlotLayer(DynamicLayer):
@@ -119,10 +121,16 @@ class SlotLayer(DynamicLayer):
         return self.keys, self.values
 
     def resize(self, slots: int, capacity: int, shift: int) -> None:
-        """New zeroed buffers of ``slots`` x ``capacity``; the used part moves ``shift`` columns
-        right (left when negative)."""
-        keys = self.key_buffer.new_zeros(slots, self.key_buffer.shape[1], capacity, self.key_buffer.shape[3])
-        values = torch.zeros_like(keys)
+        """New buffers of ``slots`` x ``capacity``; the used part moves ``shift`` columns right
+        (left when negative).
+
+        Left uninitialised (not zeroed): a column is read only once written: the used part is
+        copied here, a joining row's padding is zeroed where it is written, and a step writes
+        its column before attending to it. Zeroing a whole buffer of many slots and a long
+        prompt's width stalled a step for seconds.
+        """
+        keys = self.key_buffer.new_empty(slots, self.key_buffer.shape[1], capacity, self.key_buffer.shape[3])
+        values = torch.empty_like(keys)
         used = slice(self.start + shift, self.end + shift)
         keys[: self.rows, :, used] = self.keys
         values[: self.rows, :, used] = self.values
@@ -175,8 +183,10 @@ class BatchCache:
         slots = layer0.key_buffer.shape[0]
         if new_start < 0 or size + len(rows) > slots:  # no room: bigger buffers, the used part moved right
             shift = max(0, -new_start + _SPARE_COLUMNS) if new_start < 0 else 0
+            # more slots only when the rows need them (a long prompt needs columns, not slots)
+            grown = slots if size + len(rows) <= slots else max(size + len(rows), 2 * slots)
             for layer in self.layers:
-                layer.resize(max(size + len(rows), 2 * slots), layer.key_buffer.shape[2] + shift, shift)
+                layer.resize(grown, layer.key_buffer.shape[2] + shift, shift)
             end, start, new_start = end + shift, start + shift, new_start + shift
         for index, layer in enumerate(self.layers):
             if new_start < start:  # the existing rows are padded further left (stale columns zeroed)
@@ -212,6 +222,19 @@ class BatchCache:
                 layer.value_buffer[moved: len(rows), :, columns] = layer.value_buffer[source, :, columns]
             layer.rows, layer.start = len(rows), layer.start + drop
             layer.refresh()
+        self._compact()
+
+    def _compact(self) -> None:
+        """Give back buffers far larger than the rows left need (a burst of rows, a long prompt
+        that has left): a server's cache then shrinks back instead of keeping its peak for good."""
+        layer0 = self.layers[0]
+        slots, capacity = layer0.key_buffer.shape[0], layer0.key_buffer.shape[2]
+        width = layer0.end - layer0.start
+        fit_slots = max(2 * layer0.rows, _MIN_SLOTS)
+        fit_capacity = 2 * _SPARE_COLUMNS + width + width // 4
+        if slots > 2 * fit_slots or capacity > 4 * fit_capacity:
+            for layer in self.layers:
+                layer.resize(min(slots, fit_slots), fit_capacity, _SPARE_COLUMNS - layer.start)
 
     def snapshot(self) -> list[int]:
         """Each layer's used width, to :meth:`restore` after a step that failed."""

@@ -118,3 +118,27 @@ def test_a_step_for_the_wrong_number_of_rows_is_refused():
     batch = BatchCache.from_rows([random_row(rng, 3), random_row(rng, 5)])
     with pytest.raises(Exception, match="holds 2 rows"):
         batch.cache.update(torch.randn(3, HEADS, 1, DIM), torch.randn(3, HEADS, 1, DIM), 0)
+
+
+def test_a_long_row_widens_the_buffers_without_adding_slots_and_they_shrink_back():
+    """A long prompt joining a batch needs columns, not slots; once it and a burst of rows have
+    left, the buffers come back to what the remaining rows need (a server keeps no peak)."""
+    rng = random.Random(3)
+    rows = [random_row(rng, 6) for _ in range(20)]
+    batch = BatchCache.from_rows(rows)
+    batch.keep(list(range(16)))  # 16 rows in 20 slots
+    rows = rows[:16]
+    slots = batch.layers[0].key_buffer.shape[0]
+    long = random_row(rng, 500)
+    batch.join_rows([long])
+    rows.append(long)
+    assert batch.layers[0].key_buffer.shape[0] == slots == 20  # wider, not more slots
+    check(batch, rows)
+    keep = [0, 3]
+    batch.keep(keep)
+    rows = [rows[i] for i in keep]
+    check(batch, rows)
+    layer = batch.layers[0]
+    assert layer.key_buffer.shape[0] <= 8 and layer.key_buffer.shape[2] <= 4 * (layer.end - layer.start) + 256
+    step(batch, rows, 1)
+    check(batch, rows)
