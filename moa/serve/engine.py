@@ -134,10 +134,12 @@ class Engine:
 
     @property
     def max_batch_size(self) -> int:
+        """Rows decoded together at most."""
         return self.scheduler.max_batch_size
 
     @property
     def max_queue(self) -> int:
+        """Requests waiting at most."""
         return self.scheduler.max_queue
 
     @property
