@@ -134,7 +134,9 @@ PREFIX_ROWS = sum(1 for name, extra in REQUESTS if "prefix4" in mixture_of(name,
 
 @pytest.mark.parametrize("mode", ["mixed", "separate-prefill", "deterministic"])
 def test_every_kind_of_row_admitted_together_answers_as_generate_alone(tmp_path, input_folders, mode):
-    options = {"mixed": {}, "separate-prefill": {"mixed_steps": False}, "deterministic": {"deterministic": True}}
+    # a step budget that holds every queued prompt, so they share one mixed step (not chunks of it)
+    options = {"mixed": {"max_step_tokens": 4096}, "separate-prefill": {"mixed_steps": False},
+               "deterministic": {"deterministic": True}}
     with serving_stack(tmp_path, router=False, ranks=RANKS, input_folders=input_folders, max_batch_size=16,
                        engine_options=options[mode]) as live:
         answers, long_text, before, after = serve_together(live)
