@@ -116,7 +116,7 @@ class Engine:
         # Mixed steps switch the base's attention to moa's (plain SDPA outside them), so
         # they need an SDPA base; a deterministic engine runs every row alone anyway.
         self.mixed_steps = bool(mixed_steps) and not self.deterministic and mixed_step.enable(model)
-        self.runner = ModelRunner(model, deterministic=self.deterministic, mixed_steps=self.mixed_steps)
+        self.runner = ModelRunner(model, deterministic=self.deterministic)
         context = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_context = context
         self.max_prompt_tokens = min(int(max_prompt_tokens or context - 1), context - 1)

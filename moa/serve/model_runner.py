@@ -48,13 +48,11 @@ class ModelRunner:
     Args:
         model: The served :class:`~moa.MixtureModel`.
         deterministic: Every row has its own cache and runs alone.
-        mixed_steps: Whether moa's attention is on (:func:`moa.serve.mixed_step.enable` succeeded).
     """
 
-    def __init__(self, model: Any, *, deterministic: bool, mixed_steps: bool):
+    def __init__(self, model: Any, *, deterministic: bool):
         self.model = model
         self.deterministic = deterministic
-        self.mixed_steps = mixed_steps
         self.cache_key = cache_argument(model)
         self.batch: BatchCache | None = None
         self.steps = 0
